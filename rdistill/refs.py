@@ -1,0 +1,60 @@
+"""Resolution of model and data references used in configs.
+
+`toy:teacher`, `toy:base`   the toy world's models (built by the toy stage into the run dir)
+`toy:<domain>/<split>`      the toy world's prompt files
+`base`                      the student base (`student.base`)
+`branch:<domain>`           the branch student trained for that domain in this run
+`merge:<candidate>/<step>`  a merge step's output in this run (`merge:<candidate>` = its last step)
+`merged`                    the run's chosen merge (picked by the evaluate stage on dev, or the only one)
+anything else               a local path, or a Hugging Face model id passed through unchanged
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rdistill.config.fields import ConfigError
+from rdistill.rundir import RunDir
+
+
+def resolve_model(ref: str, run: RunDir, student_base: str | None = None) -> str:
+    """A path (or HF id) for a model reference; raises ConfigError when it cannot exist."""
+    if ref == "base":
+        if student_base is None or student_base == "base":
+            raise ConfigError("model reference 'base' needs student.base to be set")
+        return resolve_model(student_base, run)
+    kind, _, name = ref.partition(":")
+    if ref == "merged":
+        return str(chosen_merge(run))
+    if kind == "toy" and name in ("teacher", "base"):
+        return str(run.stage_dir("toy") / "models" / name)
+    if kind == "branch" and name:
+        return str(run.stage_dir("train") / name)
+    if kind == "merge" and name:
+        cand, _, step = name.partition("/")
+        root = run.stage_dir("merge") / cand
+        if not step:
+            return str(root / "final")
+        return str(root / step)
+    path = Path(ref).expanduser()
+    if path.exists() or ref.startswith((".", "/", "~")):
+        return str(path.absolute())
+    return ref  # a Hugging Face model id
+
+
+def resolve_source_path(path: str, run: RunDir) -> str:
+    """`toy:<domain>/<split>` -> the toy stage's JSONL file; other paths unchanged."""
+    if path.startswith("toy:"):
+        domain, _, split = path[4:].partition("/")
+        return str(run.stage_dir("toy") / "data" / domain / f"{split or 'train'}.jsonl")
+    return str(Path(path).expanduser().absolute())
+
+
+def chosen_merge(run: RunDir) -> Path:
+    """The merge the run settled on: evaluate's dev-split choice, else the merge stage's default."""
+    for stage in ("evaluate", "merge"):
+        sel = run.stage_dir(stage) / "selection.json"
+        if sel.exists():
+            return run.root / json.loads(sel.read_text())["path"]  # stored relative to the run
+    raise ConfigError(f"no merged model in {run.root}: run the merge stage first (stages=[merge])")

@@ -1,0 +1,139 @@
+"""Ray topology in one place: how rdistill joins or starts Ray, and what each stage asks of it.
+
+Every stage takes its placement bundles, actor counts and task resources from here, so that
+the dry-run plan and the real run agree, and moving from a laptop to a cluster is a config
+change (device=gpu, tensor_parallel_size=8, num_workers=16), not a code change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from rdistill.config import ExperimentConfig, RayConfig, TrainConfig, branch_train_config
+
+log = logging.getLogger("rdistill")
+
+# Small CPU stages (tokenize, detokenize, verifiers' bookkeeping) take a fraction of a CPU so
+# that a 2-core laptop with a handful of logical CPUs never deadlocks on resource budgets.
+LIGHT_CPU = 0.25
+
+
+def local_num_cpus(rc: RayConfig) -> int:
+    """Logical CPUs for a local cluster: Ray Data checkpointing and Serve's proxy and ingress
+    need more logical CPUs than 2 cores (stack-notes); oversubscribing is fine for them."""
+    return rc.num_cpus or max(8, os.cpu_count() or 1)
+
+
+def init_ray(rc: RayConfig) -> dict:
+    """Join a cluster (config address, or RAY_ADDRESS) or start a local one. Idempotent."""
+    import ray
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = rc.address or os.environ.get("RAY_ADDRESS")
+    # Workers must import rdistill even when it is not installed (ray job --working-dir does
+    # ship it; a local cluster started from a checkout needs the path).
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                        "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=None if "RAY_ADDRESS" in os.environ else env,
+                 log_to_driver=True)
+    else:
+        n = local_num_cpus(rc)
+        log.info("starting a local Ray cluster with %d logical CPUs", n)
+        ray.init(address="local", num_cpus=n, include_dashboard=rc.include_dashboard,
+                 runtime_env=env, log_to_driver=True)
+    return ray.cluster_resources()
+
+
+def engine_placement(device: str, tp: int = 1, pp: int = 1) -> dict:
+    """Placement bundles of one vLLM engine replica (Ray Data LLM, Serve LLM).
+    Without explicit CPU bundles the engine asks for a GPU and waits forever on a CPU machine."""
+    if device == "cpu":
+        return {"bundles": [{"CPU": 1}], "strategy": "PACK"}
+    return {"bundles": [{"GPU": 1, "CPU": 1}] * (tp * pp), "strategy": "PACK"}
+
+
+def train_scaling(device: str, tc: TrainConfig) -> dict:
+    """ScalingConfig keyword arguments of one branch's TorchTrainer."""
+    use_gpu = device == "gpu"
+    res: dict[str, float] = {"CPU": tc.cpus_per_worker}
+    if use_gpu:
+        res["GPU"] = tc.gpus_per_worker or 1
+    return dict(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=res)
+
+
+def merge_task_options(device: str) -> dict:
+    """Ray remote options of one merge task (one tensor at a time per task)."""
+    return {"num_cpus": 1, "num_gpus": 0}
+
+
+def verify_task_options() -> dict:
+    """Ray remote options of one verification batch (the sandbox forks its own processes)."""
+    return {"num_cpus": 1}
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    resources: dict[str, float] = field(default_factory=dict)
+    """Peak resources the stage asks for at once."""
+    notes: list[str] = field(default_factory=list)
+
+
+def _sum(bundles: list[dict], times: int = 1) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + v * times
+    return out
+
+
+def plan(cfg: ExperimentConfig) -> list[StagePlan]:
+    """What each selected stage asks of the cluster (for the dry run and fit checks)."""
+    t = cfg.teacher
+    plans: list[StagePlan] = []
+    for stage in cfg.stages:
+        p = StagePlan(stage)
+        if stage == "generate":
+            if t.backend == "vllm":
+                b = engine_placement(cfg.device, t.tensor_parallel_size, t.pipeline_parallel_size)["bundles"]
+                p.resources = _sum(b, t.replicas)
+                p.resources["CPU"] = p.resources.get("CPU", 0) + 3 * LIGHT_CPU
+                p.notes.append(f"{t.replicas} vLLM replica(s) of {t.model}, tp={t.tensor_parallel_size} "
+                               f"pp={t.pipeline_parallel_size}")
+            else:
+                p.resources = {"CPU": 1 + LIGHT_CPU}
+                p.notes.append(f"HTTP teacher {t.model} at {t.base_url} (qps={t.qps})")
+        elif stage == "train":
+            for dom in cfg.domains:
+                tc = branch_train_config(cfg, dom)
+                s = train_scaling(cfg.device, tc)
+                per = _sum([s["resources_per_worker"]], s["num_workers"])
+                p.notes.append(f"branch {dom}: {tc.num_workers} worker(s) x {s['resources_per_worker']}, "
+                               f"ZeRO-{tc.zero_stage}, epochs={tc.epochs}, lr={tc.lr}, max_len={tc.max_len}")
+                for k, v in per.items():  # branches may run at once: peak is the sum, Ray queues the rest
+                    p.resources[k] = p.resources.get(k, 0) + v
+        elif stage in ("evaluate", "serve"):
+            b = engine_placement(cfg.device)["bundles"]
+            p.resources = _sum(b)
+            p.notes.append("one vLLM engine per model being scored at once" if stage == "evaluate"
+                           else f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s)")
+        elif stage in ("merge", "verify"):
+            p.resources = {"CPU": 1}
+            p.notes.append("tasks spread over every free CPU")
+        else:
+            p.resources = {"CPU": 1}
+        plans.append(p)
+    return plans
+
+
+def fits(need: dict[str, float], have: dict[str, Any]) -> list[str]:
+    """Resources a plan asks for that the cluster does not have (empty when it fits)."""
+    return [f"{k}: needs {v:g}, cluster has {float(have.get(k, 0)):g}"
+            for k, v in need.items() if v > float(have.get(k, 0))]
