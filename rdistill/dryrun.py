@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from rdistill.config import ExperimentConfig, branch_train_config
+from rdistill.estimates import estimate
 from rdistill.pipeline import status
 from rdistill.rundir import RunDir
 from rdistill.topology import fits, local_num_cpus, plan
@@ -54,6 +55,7 @@ def format_plan(cfg: ExperimentConfig, where: str, have: dict) -> list[str]:
         tc = branch_train_config(cfg, d)
         lines.append(f"  train {d}: epochs={tc.epochs} lr={tc.lr} scheduler={tc.scheduler} "
                      f"grad_accum={tc.grad_accum} packing={tc.packing}")
+    lines += estimate(cfg)
     if problems:
         lines.append("does not fit " + where + ":")
         lines += [f"  {p}" for p in problems]

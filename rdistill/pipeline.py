@@ -57,16 +57,18 @@ def _domains(cfg: ExperimentConfig, *keys: str) -> dict:
 CONFIG_OF: dict[str, Callable[[ExperimentConfig], Any]] = {
     "toy": lambda c: {"toy": to_dict(c.toy), "domains": sorted(c.domains)},
     "generate": lambda c: {"teacher": to_dict(c.teacher), "generate": to_dict(c.generate),
-                           "domains": _domains(c, "kind", "train", "system_prompt", "instruction_suffix")},
+                           "domains": _domains(c, "kind", "train", "extra_train", "system_prompt",
+                                                "instruction_suffix")},
     "verify": lambda c: {"verify": to_dict(c.verify),
-                         "domains": _domains(c, "kind", "dev", "test", "language")},
+                         "domains": _domains(c, "kind", "dev", "test", "language",
+                                                        "require_correct")},
     "train": lambda c: {"train": to_dict(c.train), "student": to_dict(c.student), "device": c.device,
                         "domains": _domains(c, "train_overrides")},
     "merge": lambda c: {"merge": to_dict(c.merge)},
     "evaluate": lambda c: {"eval": to_dict(c.eval), "student": to_dict(c.student),
                            "teacher": to_dict(c.teacher) if c.eval.include_teacher else None,
                            "domains": _domains(c, "kind", "dev", "test", "system_prompt",
-                                               "instruction_suffix"),
+                                               "instruction_suffix", "eval_samples"),
                            "merge": to_dict(c.merge)},
     "report": lambda c: {},
 }
@@ -148,6 +150,8 @@ def run_stage(cfg: ExperimentConfig, run: RunDir, stage: str) -> dict:
 def run_pipeline(cfg: ExperimentConfig) -> dict[str, str]:
     """Run the selected stages in order; returns what happened to each (ran / skipped)."""
     run = RunDir(cfg.run_dir)
+    from rdistill.preflight import run_preflight
+    run_preflight(cfg, run, [s for s, why in status(cfg, run).items() if why != "current"])
     write_json_atomic(run.root / "config.json", to_dict(cfg))
     done: dict[str, str] = {}
     for stage in cfg.stages:

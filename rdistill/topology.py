@@ -78,6 +78,17 @@ def verify_task_options() -> dict:
     return {"num_cpus": 1}
 
 
+def eval_concurrency(cfg: ExperimentConfig, have: dict[str, Any], n_models: int) -> int:
+    """How many models the evaluate stage scores at once (one Ray Data + vLLM pipeline each):
+    as many engines as the cluster's CPUs (or GPUs) hold next to their light CPU stages and
+    scorers, capped by eval.concurrency; at least 1 (Ray queues what does not fit)."""
+    per = _sum(engine_placement(cfg.device)["bundles"])
+    per["CPU"] = per.get("CPU", 0) + 4 * LIGHT_CPU  # chat template, tokenize, detokenize, score
+    fit = min(int(float(have.get(k, 0)) // v) for k, v in per.items() if v > 0)
+    n = min(n_models, max(1, fit))
+    return min(n, cfg.eval.concurrency) if cfg.eval.concurrency else n
+
+
 @dataclass
 class StagePlan:
     stage: str
@@ -111,14 +122,20 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
                 p.resources = {"CPU": 1 + LIGHT_CPU}
                 p.notes.append(f"HTTP teacher {t.model} at {t.base_url} (qps={t.qps})")
         elif stage == "train":
+            peak: dict[str, float] = {}
             for dom in cfg.domains:
                 tc = branch_train_config(cfg, dom)
                 s = train_scaling(cfg.device, tc)
                 per = _sum([s["resources_per_worker"]], s["num_workers"])
                 p.notes.append(f"branch {dom}: {tc.num_workers} worker(s) x {s['resources_per_worker']}, "
                                f"ZeRO-{tc.zero_stage}, epochs={tc.epochs}, lr={tc.lr}, max_len={tc.max_len}")
-                for k, v in per.items():  # branches may run at once: peak is the sum, Ray queues the rest
-                    p.resources[k] = p.resources.get(k, 0) + v
+                # One branch at a time is what the stage needs to make progress; Ray starts the
+                # others concurrently when the cluster has room for them too.
+                peak = {k: max(v, peak.get(k, 0)) for k, v in per.items()}
+                all_at_once = {k: v * len(cfg.domains) for k, v in per.items()}
+            p.resources = peak
+            p.notes.append("branches run concurrently when the cluster holds "
+                           + ", ".join(f"{k}={v:g}" for k, v in all_at_once.items()) + ", else queue")
         elif stage in ("evaluate", "serve"):
             b = engine_placement(cfg.device)["bundles"]
             p.resources = _sum(b)

@@ -72,6 +72,9 @@ class StudentConfig:
     """Model reference every branch starts from (the reference recipe: DeepSeek-R1-Distill-Qwen-32B)."""
     max_model_len: int = spec(1024, gt=0)
     """Context length used when the student is evaluated or served."""
+    params_b: Optional[float] = spec(None, gt=0)
+    """Parameter count in billions, for the dry run's memory and disk estimates when the model
+    is not on local disk (None: read it from the model's config)."""
 
 
 @dataclass
@@ -90,6 +93,12 @@ class SourceConfig:
     """Keep only rows whose column equals the value (e.g. {domain: science} for a mixed set)."""
     limit: Optional[int] = spec(None, gt=0)
     """Use at most this many records (None: all)."""
+    choices: List[str] = field(default_factory=list)
+    """Columns holding a multiple-choice item's options, the correct one first (e.g. GPQA's
+    'Correct Answer', 'Incorrect Answer 1..3'): options are shuffled (seeded by the record id)
+    into A-D under the question, and gold becomes the correct letter."""
+    expected_rows: Optional[int] = spec(None, gt=0)
+    """Known size of a remote source, used by the dry run's estimates without downloading it."""
 
     def validate(self, prefix: str) -> None:
         if self.path is None and self.hf_name is None:
@@ -110,6 +119,13 @@ class DomainConfig:
     """System message sent with every prompt of this domain."""
     instruction_suffix: str = ""
     """Appended to each prompt, e.g. 'Please reason step by step, and put your final answer within \\boxed{}.'"""
+    extra_train: List[SourceConfig] = field(default_factory=list)
+    """More prompt sources appended to `train` (e.g. s1K beside OpenThoughts science)."""
+    require_correct: bool = True
+    """Drop samples the verifier rejects; false keeps every complete, well-formatted sample (for
+    sources without checkable gold, as the reference recipe's science traces)."""
+    eval_samples: Optional[int] = spec(None, gt=0)
+    """Samples per prompt when evaluating this domain (None: eval.sampling.n), e.g. 16 for AIME."""
     train_overrides: Dict[str, Any] = field(default_factory=dict)
     """Per-branch overrides of the `train` section (epochs, lr, scheduler, ...), as in the reference recipe."""
     language: str = "python"

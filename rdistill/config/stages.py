@@ -37,6 +37,9 @@ class GenerateConfig:
     """The stage fails if more than this share of requests still fail after retries."""
     block_rows: int = spec(64, gt=0)
     """Rows per input block; a killed run repeats at most the blocks in flight."""
+    probe_prompts: int = spec(2, ge=0)
+    """Prompts answered first to check the teacher's <think>...</think> format before the full
+    run spends tokens (0: no probe)."""
 
 
 @dataclass
@@ -181,6 +184,9 @@ class EvalConfig:
     """Evaluate at most this many prompts per domain (None: all)."""
     batch_size: int = spec(32, gt=0)
     """Rows per engine batch."""
+    concurrency: Optional[int] = spec(None, gt=0)
+    """Models scored at once, one engine each (None: as many as the cluster's CPUs, or GPUs,
+    hold; on a few-core machine 1-2 is faster, since engines share the cores)."""
 
 
 @dataclass
@@ -203,6 +209,16 @@ class ServeConfig:
     """Engine context length."""
     blocking: bool = True
     """Serve in the foreground until interrupted (false: deploy and return)."""
+    dtype: str = spec("bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    """Engine weight dtype."""
+    tensor_parallel_size: int = spec(1, ge=1)
+    """GPUs per replica (vLLM tensor parallel degree); CPU replicas use 1."""
+    reasoning_parser: Optional[str] = "deepseek_r1"
+    """vLLM reasoning parser that splits <think> reasoning into `reasoning_content` (None: off)."""
+    target_ongoing_requests: int = spec(16, gt=0)
+    """Autoscaling target: in-flight requests per replica before Serve adds one."""
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra vLLM engine arguments, passed through unchanged (e.g. max_num_seqs)."""
 
     def validate(self, prefix: str) -> None:
         if self.max_replicas < self.min_replicas:

@@ -1,0 +1,110 @@
+"""Preflight checks: cheap checks that fail in one clear line before teacher tokens are spent or
+training starts, instead of hours later in a stage that finally trips over the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rdistill.config import ExperimentConfig
+from rdistill.config.fields import ConfigError
+from rdistill.refs import resolve_model
+from rdistill.rundir import RunDir
+
+
+class PreflightError(ConfigError):
+    """A preflight check failed; the message says what and how to fix it."""
+
+
+def check_run_dir(run: RunDir, need_bytes: float = 0.0) -> None:
+    """The run directory can be created, written and has room for the run's artifacts."""
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run.root, prefix=".preflight-"):
+            pass
+    except OSError as e:
+        raise PreflightError(f"run_dir {run.root} is not writable ({e.strerror}): pick another run_dir") from None
+    free = shutil.disk_usage(run.root).free
+    if need_bytes > free:
+        raise PreflightError(f"run_dir {run.root} has {free / 1e9:.1f} GB free but the run needs about "
+                             f"{need_bytes / 1e9:.1f} GB: free space or point run_dir at a larger disk")
+
+
+def check_student_tokenizer(path: str) -> None:
+    """The student's tokenizer has a chat template, and its generation config stops on the end-of-
+    turn token the template closes each turn with (else a trained student never stops talking)."""
+    from transformers import AutoTokenizer, GenerationConfig
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise PreflightError(f"cannot load the student tokenizer from {path}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not tok.chat_template:
+        raise PreflightError(f"the student tokenizer at {path} has no chat template: "
+                             "add one (tokenizer_config.json chat_template or chat_template.jinja)")
+    probe = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                    tokenize=False)
+    after = probe[probe.rindex("y") + 1:]
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+        eos = gen.eos_token_id
+    except OSError:
+        eos = tok.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    eos_tokens = {tok.convert_ids_to_tokens(i) for i in eos_ids}
+    if not eos_tokens or not any(t and t in after for t in eos_tokens):
+        raise PreflightError(f"the student at {path} stops on {sorted(map(str, eos_tokens)) or 'nothing'} but its "
+                             f"chat template ends a turn with {after.strip()!r}: set generation_config.json "
+                             "eos_token_id to the end-of-turn token")
+
+
+def _arch(path: str) -> tuple[str, int] | None:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return None
+    c = json.loads(cfg.read_text())
+    return (",".join(c.get("architectures") or [c.get("model_type", "?")]), c.get("vocab_size", -1))
+
+
+def check_merge_inputs(cfg: ExperimentConfig, run: RunDir, base_path: str) -> None:
+    """Models named in merge plans that exist before training (paths, HF models on disk) share the
+    student base's architecture and vocabulary; branches inherit both from the base."""
+    want = _arch(base_path)
+    if want is None:
+        return
+    for cand in cfg.merge.candidates:
+        for step in cand.steps:
+            for ref in [step.base_model, *(m.model for m in step.models)]:
+                if not ref or ref.startswith(("branch:", "merge:")) or ref in ("base", "merged"):
+                    continue
+                got = _arch(resolve_model(ref, run, cfg.student.base))
+                if got is not None and got != want:
+                    raise PreflightError(
+                        f"merge candidate {cand.name} step {step.name}: {ref} is {got[0]} with vocab {got[1]}, "
+                        f"but the student base is {want[0]} with vocab {want[1]}: merge models of one family")
+
+
+def check_teacher_format(completions: list[str]) -> None:
+    """Probe answers of the teacher follow `<think> ... </think>` then an answer, as verify expects."""
+    bad = [c for c in completions if "</think>" not in c]
+    if completions and len(bad) == len(completions):
+        sample = bad[0][:80].replace("\n", " ")
+        raise PreflightError(f"none of {len(completions)} probe answers of the teacher close a </think> block "
+                             f"(first: {sample!r}): the verify stage would drop every sample; check the "
+                             "teacher's chat template or reasoning output (e.g. an API returning reasoning separately)")
+
+
+def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None:
+    """The checks that apply to the stages about to run (the toy stage builds its own models)."""
+    from rdistill.estimates import disk_bytes
+    check_run_dir(run, disk_bytes(cfg) if "generate" in to_run or "train" in to_run else 0.0)
+    if "train" in to_run or "merge" in to_run:
+        if cfg.student.base.startswith("toy:") and "toy" in to_run:
+            return  # built by this very run
+        base = resolve_model(cfg.student.base, run)
+        if os.path.isdir(base) or not cfg.student.base.startswith("toy:"):
+            check_student_tokenizer(base)
+            check_merge_inputs(cfg, run, base)
