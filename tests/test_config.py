@@ -77,3 +77,46 @@ def test_cli_dry_run_prints_plan_without_starting_ray(tmp_path):
         assert f"[{stage}]" in p.stdout
     assert "branch math: 2 worker(s)" in p.stdout
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+@pytest.mark.parametrize("overrides", [
+    ["experiment=toy"],
+    ["experiment=tinyr1_32b"],
+    ["experiment=tinyr1_32b", "teacher=deepseek_r1_vllm"],
+    ["experiment=r1_7b_1node"],
+    ["experiment=r1_7b_1node", "teacher=openai_endpoint", "teacher.base_url=http://127.0.0.1:9/v1",
+     "teacher.model=r1"],
+])
+def test_every_preset_composes_and_validates(overrides):
+    cfg = load(overrides)
+    assert cfg.domains and cfg.merge.candidates
+
+
+def test_reference_preset_matches_the_recipe():
+    cfg = load(["experiment=tinyr1_32b"])
+    assert cfg.student.base == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
+    assert cfg.teacher.backend == "openai" and cfg.teacher.api_key_env == "DEEPSEEK_API_KEY"
+    assert cfg.domains["math"].train.hf_name == "open-r1/OpenR1-Math-220k"
+    got = {d: (branch_train_config(cfg, d).epochs, branch_train_config(cfg, d).scheduler,
+               branch_train_config(cfg, d).grad_accum) for d in cfg.domains}
+    assert got == {"math": (5, "constant_with_warmup", 3), "code": (15, "constant_with_warmup", 3),
+                   "science": (5, "cosine", 1)}
+    t = cfg.train
+    assert (t.lr, t.warmup_ratio, t.adam_beta2, t.weight_decay, t.grad_clip, t.max_len, t.zero_stage,
+            t.micro_batch_size, t.seed) == (1e-5, 0.1, 0.95, 0.01, 1.0, 16384, 3, 1, 42)
+    steps = cfg.merge.candidates[0].steps
+    assert [(s.base_model, s.models[0].model) for s in steps] == [
+        ("branch:science", "branch:math"), ("branch:code", "merge:fusion/mid")]
+    assert cfg.eval.sampling.temperature == 0.6 and cfg.domains["math"].eval_samples == 16
+
+
+def test_dry_run_of_the_32b_preset_lists_resources_and_what_does_not_fit(tmp_path):
+    p = subprocess.run([sys.executable, "jobs/run.py", "experiment=tinyr1_32b", "dry_run=true",
+                        f"run_dir={tmp_path}/r", "teacher=deepseek_r1_vllm"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "[generate] no manifest; asks for GPU=16" in out  # tp 8 x pp 2 per replica
+    assert "branch math: 32 worker(s) x {'CPU': 8.0, 'GPU': 1.0}, ZeRO-3" in out
+    assert "teacher tokens: at most" in out and "32.80B parameters" in out
+    assert "does not fit this machine" in out and "train: GPU: needs 32, cluster has 0" in out
