@@ -1,0 +1,1 @@
+"""Branch training: Ray Train TorchTrainer jobs whose workers run DeepSpeed SFT."""
