@@ -114,3 +114,26 @@ def test_batch_and_frame_forms():
     with pytest.raises(ValueError, match="unknown verifier kind"):
         score("poetry", "x", {})
     assert isinstance(score("science", "Answer: A", {"gold": "A"}), Verdict)
+
+
+def test_require_correct_false_keeps_unverifiable_but_still_filters_format():
+    from rdistill.verify.rows import check_row
+    row = {"finish_reason": "stop", "completion": "<think>ideas</think> The membrane is permeable.",
+           "completion_tokens": 10, "prompt": "Why?", "gold": "long free-form solution"}
+    assert check_row(row, "science", "python", 100, None, None)[0] == "incorrect"
+    reason, detail, _ = check_row(row, "science", "python", 100, None, None, require_correct=False)
+    assert reason is None and "not verified" in detail
+    cut = dict(row, finish_reason="length")
+    assert check_row(cut, "science", "python", 100, None, None, require_correct=False)[0] == "incomplete"
+
+
+def test_code_stdin_stdout_cases():
+    import json
+    prog = "```python\nn = int(input())\nprint(n * 2)\n```"
+    cases = json.dumps([{"input": "3\n", "output": "6\n"}, {"input": "10\n", "output": "20"}])
+    assert score("code", THINK + prog, {"tests": cases}).correct
+    wrong = "```python\nn = int(input())\nprint(n + 2)\n```"
+    v = score("code", THINK + wrong, {"tests": cases})
+    assert not v.correct and "case 0: wrong output" in v.reason  # 3 + 2 = 5, not 6
+    v = score("code", THINK + wrong, {"tests": json.dumps({"inputs": ["4\n"], "outputs": ["6"]})})
+    assert v.correct  # 4 + 2 == 6

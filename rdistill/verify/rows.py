@@ -37,7 +37,8 @@ CHECKED = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("sample_i
 
 
 def check_row(r: dict, kind: str, language: str, max_tokens: int, index: Optional[ContaminationIndex],
-              sandbox: Optional[SandboxConfig]) -> tuple[Optional[str], str, Optional[str]]:
+              sandbox: Optional[SandboxConfig], require_correct: bool = True
+              ) -> tuple[Optional[str], str, Optional[str]]:
     """(drop reason or None, detail, extracted answer) of one generated row."""
     if r.get("finish_reason") != "stop":
         why = r.get("finish_reason") or "missing"
@@ -52,6 +53,8 @@ def check_row(r: dict, kind: str, language: str, max_tokens: int, index: Optiona
         hit = index.match(r.get("prompt") or "")
         if hit:
             return "contaminated", f"shares {hit!r} with an evaluation prompt", None
+    if not require_correct:  # sources without checkable gold (domain require_correct=false)
+        return None, "not verified (require_correct=false)", None
     v = score(kind, r["completion"], r, sandbox, language)
     if not v.correct:
         return "incorrect", v.reason, v.extracted
@@ -59,12 +62,13 @@ def check_row(r: dict, kind: str, language: str, max_tokens: int, index: Optiona
 
 
 def check_frame(df: Any, domain: str, kind: str, language: str, max_tokens: int,
-                index: Optional[ContaminationIndex], sandbox: Optional[SandboxConfig]) -> pa.Table:
+                index: Optional[ContaminationIndex], sandbox: Optional[SandboxConfig],
+                require_correct: bool = True) -> pa.Table:
     """A checked batch (CHECKED schema): the row's fields plus drop_reason, drop_detail,
     extracted, and for surviving rows the exact-duplicate key and MinHash signature."""
     out = []
     for r in df.to_dict("records"):
-        reason, detail, ext = check_row(r, kind, language, max_tokens, index, sandbox)
+        reason, detail, ext = check_row(r, kind, language, max_tokens, index, sandbox, require_correct)
         alive = reason is None
         tokens = r.get("completion_tokens")
         out.append({"id": str(r["id"]), "prompt_id": str(r.get("prompt_id")), "sample_idx": int(r.get("sample_idx") or 0),

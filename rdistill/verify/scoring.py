@@ -6,7 +6,7 @@
     score_dataset(ds, kind, sandbox=None) -> ds                     (a Ray Dataset, in parallel)
 
 `record` holds `gold` (math: the answer; science: the letter), `tests` (code: Python asserts run
-after the program) and `entry_point` (code: the function's name; HumanEval-style tests that
+after the program, or a JSON list of {input, output} stdin/stdout cases) and `entry_point` (code: the function's name; HumanEval-style tests that
 define `check(candidate)` get `check(<entry_point>)` appended). Importing this starts nothing.
 
 math-verify bounds its parse/verify with SIGALRM, which only works on a process's main thread:
@@ -90,6 +90,37 @@ def _math_off_main_thread(completion: str, gold: Optional[str]) -> tuple[bool, s
         return False, "math-verify timed out", None
 
 
+def io_cases(tests: str) -> Optional[list[dict]]:
+    """Standard-input tests (LiveCodeBench, OpenThoughts): a JSON list of {input, output}, or
+    {"inputs": [...], "outputs": [...]}; None when `tests` is Python source instead."""
+    import json
+    s = tests.strip()
+    if not s.startswith(("[", "{")):
+        return None
+    try:
+        data = json.loads(s)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and isinstance(data.get("inputs"), list):
+        data = [{"input": i, "output": o} for i, o in zip(data["inputs"], data.get("outputs") or [])]
+    if isinstance(data, list) and data and all(isinstance(c, dict) and "input" in c and "output" in c
+                                               for c in data):
+        return data
+    return None
+
+
+def _io_code(program: str, cases: list[dict], sandbox: Optional[SandboxConfig]) -> Verdict:
+    """Run the program once per case on its stdin; stdout must match (whitespace-normalised)."""
+    from rdistill.verify.sandbox import run_program
+    for i, case in enumerate(cases):
+        res = run_program(program, str(case["input"]), sandbox)
+        if res.status != "ok":
+            return Verdict(False, f"case {i}: {res.status}: {res.detail}".rstrip(": "), program)
+        if res.stdout.split() != str(case["output"]).split():
+            return Verdict(False, f"tests failed: case {i}: wrong output", program)
+    return Verdict(True, "passed", program)
+
+
 def _code(completion: str, record: dict, sandbox: Optional[SandboxConfig], language: str) -> Verdict:
     from rdistill.verify.sandbox import run_program
     program = code_block(completion, language)
@@ -98,6 +129,9 @@ def _code(completion: str, record: dict, sandbox: Optional[SandboxConfig], langu
     tests = _field(record, "tests") or ""
     if not tests.strip():
         return Verdict(False, "record has no tests", program)
+    cases = io_cases(tests)
+    if cases is not None:
+        return _io_code(program, cases, sandbox)
     entry = _field(record, "entry_point")
     harness = f"{program}\n\n# ---- tests ----\n{tests}\n"
     if entry and "def check(" in tests and f"check({entry})" not in tests:

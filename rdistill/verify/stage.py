@@ -84,7 +84,8 @@ def _checked_dataset(ctx: StageContext, index: ContaminationIndex) -> tuple[Any,
         parts.append(ray.data.from_arrow(blocks).map_batches(
             check_frame, batch_format="pandas", batch_size=None,
             fn_kwargs=dict(domain=domain, kind=dom.kind, language=dom.language, index=index,
-                           max_tokens=cfg.verify.max_completion_tokens, sandbox=cfg.verify.sandbox),
+                           max_tokens=cfg.verify.max_completion_tokens, sandbox=cfg.verify.sandbox,
+                           require_correct=dom.require_correct),
             **verify_task_options()))
     if not parts:
         return None, counts
