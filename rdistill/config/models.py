@@ -46,6 +46,8 @@ class TeacherConfig:
     """Request rate cap for the openai backend (None: unlimited)."""
     max_retries: int = spec(6, ge=0)
     """Retries per request on 429, 5xx, timeouts and malformed bodies, with exponential backoff."""
+    retry_wait_s: float = spec(1.0, gt=0)
+    """First backoff wait of the openai backend's retries (doubles on each retry)."""
     timeout_s: float = spec(600.0, gt=0)
     """Per-request timeout for the openai backend."""
     tensor_parallel_size: int = spec(1, ge=1)

@@ -39,6 +39,8 @@ class LLMSpec:
     api_key_env: Optional[str] = None
     qps: Optional[float] = None
     max_retries: int = 6
+    retry_wait_s: float = 1.0
+    """First backoff wait between retries (doubles each retry)."""
     timeout_s: float = 600.0
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -52,4 +54,5 @@ class LLMSpec:
                    tensor_parallel_size=t.tensor_parallel_size,
                    pipeline_parallel_size=t.pipeline_parallel_size, replicas=t.replicas,
                    base_url=t.base_url, api_key_env=t.api_key_env, qps=t.qps,
-                   max_retries=t.max_retries, timeout_s=t.timeout_s, engine_kwargs=dict(t.engine_kwargs))
+                   max_retries=t.max_retries, retry_wait_s=t.retry_wait_s, timeout_s=t.timeout_s,
+                   engine_kwargs=dict(t.engine_kwargs))
