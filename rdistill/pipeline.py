@@ -64,7 +64,7 @@ CONFIG_OF: dict[str, Callable[[ExperimentConfig], Any]] = {
                                                         "require_correct")},
     "train": lambda c: {"train": to_dict(c.train), "student": to_dict(c.student), "device": c.device,
                         "domains": _domains(c, "train_overrides")},
-    "merge": lambda c: {"merge": to_dict(c.merge)},
+    "merge": lambda c: {"merge": to_dict(c.merge), "seed": c.seed, "base": c.student.base},
     "evaluate": lambda c: {"eval": to_dict(c.eval), "student": to_dict(c.student),
                            "teacher": to_dict(c.teacher) if c.eval.include_teacher else None,
                            "domains": _domains(c, "kind", "dev", "test", "system_prompt",
@@ -75,7 +75,10 @@ CONFIG_OF: dict[str, Callable[[ExperimentConfig], Any]] = {
 INPUTS_OF: dict[str, list[str]] = {
     "toy": [], "generate": ["toy"], "verify": ["generate", "toy"], "train": ["verify", "toy"],
     "merge": ["train", "toy"], "evaluate": ["train", "merge", "toy"],
-    "report": ["evaluate", "verify", "train", "generate"], "serve": ["merge", "evaluate", "toy"],
+    "report": ["evaluate", "verify", "train", "generate"],
+    # serve.model may be a path, an HF id or any reference: the stage resolves it and says
+    # which stage to run when it is missing, so no stage's output is required up front.
+    "serve": [],
 }
 NEVER_CACHED = {"serve"}  # serving is an action, not an artifact
 

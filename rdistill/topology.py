@@ -59,6 +59,14 @@ def engine_placement(device: str, tp: int = 1, pp: int = 1) -> dict:
     return {"bundles": [{"GPU": 1, "CPU": 1}] * (tp * pp), "strategy": "PACK"}
 
 
+def serve_resources(device: str, replicas: int, tp: int = 1) -> dict[str, float]:
+    """What a Serve LLM app holds: per replica its engine bundles plus 1 CPU for the replica
+    actor (Serve merges it into the first bundle), and 1 CPU for the OpenAI ingress."""
+    out = _sum(engine_placement(device, tp)["bundles"], replicas)
+    out["CPU"] = out.get("CPU", 0) + replicas + 1
+    return out
+
+
 def train_scaling(device: str, tc: TrainConfig) -> dict:
     """ScalingConfig keyword arguments of one branch's TorchTrainer."""
     use_gpu = device == "gpu"
@@ -68,9 +76,14 @@ def train_scaling(device: str, tc: TrainConfig) -> dict:
     return dict(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=res)
 
 
+# Merge tasks on GPU machines share a GPU: a task streams a few tensors at a time, so several
+# fit on one device and keep it busy while others read and write.
+MERGE_TASKS_PER_GPU = 4
+
+
 def merge_task_options(device: str) -> dict:
-    """Ray remote options of one merge task (one tensor at a time per task)."""
-    return {"num_cpus": 1, "num_gpus": 0}
+    """Ray remote options of one merge task (a unit of tensors, streamed one at a time)."""
+    return {"num_cpus": 1, "num_gpus": 1 / MERGE_TASKS_PER_GPU if device == "gpu" else 0}
 
 
 def verify_task_options() -> dict:
@@ -136,10 +149,16 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             p.resources = peak
             p.notes.append("branches run concurrently when the cluster holds "
                            + ", ".join(f"{k}={v:g}" for k, v in all_at_once.items()) + ", else queue")
+        elif stage == "serve":
+            p.resources = serve_resources(cfg.device, cfg.serve.min_replicas, cfg.serve.tensor_parallel_size)
+            p.notes.append(f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s) of "
+                           f"{cfg.serve.model}, tp={cfg.serve.tensor_parallel_size}, port {cfg.serve.port}")
         elif stage in ("evaluate", "serve"):
             b = engine_placement(cfg.device)["bundles"]
             p.resources = _sum(b)
-            p.notes.append("one vLLM engine per model being scored at once" if stage == "evaluate"
+            n_models = 1 + len(cfg.domains) + len(cfg.merge.candidates) + int(cfg.eval.include_teacher)
+            p.notes.append(f"{n_models} models, one vLLM engine each, "
+                           f"{cfg.eval.concurrency or 'as many as fit'} at once" if stage == "evaluate"
                            else f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s)")
         elif stage in ("merge", "verify"):
             p.resources = {"CPU": 1}

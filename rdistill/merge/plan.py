@@ -1,0 +1,204 @@
+"""Merge plans: one step is a mergekit-style configuration (models, merge_method, base_model,
+parameters, dtype, out_dtype); a plan is a list of steps, each one's output feeding later ones.
+
+Parameter values follow mergekit's syntax: a scalar; a list of numbers, a gradient interpolated
+over the layers (t = layer / (layers - 1), 0 for tensors outside the layers); or a list of
+`{filter: substring, value: ...}` conditions, the first whose filter is in the tensor name wins.
+Per-model parameters override the step's `parameters`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from rdistill.merge.methods import METHODS
+
+DTYPES = ("bfloat16", "float16", "float32")
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+# mergekit keys this implementation does not take: say so rather than silently ignore them
+_UNSUPPORTED = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class PlanError(ValueError):
+    """A merge plan is invalid; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class ModelInput:
+    model: str
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class MergeStep:
+    merge_method: str
+    models: list[ModelInput]
+    base_model: Optional[str] = None
+    parameters: dict = field(default_factory=dict)
+    dtype: Optional[str] = None
+    """Compute dtype (None: the inputs' promoted dtype, as mergekit does)."""
+    out_dtype: Optional[str] = None
+    """Written dtype (None: dtype, else the method's result dtype)."""
+    name: str = "merged"
+
+    @property
+    def others(self) -> list[ModelInput]:
+        """The non-base models, in listed order (linear: every model; its base is ignored)."""
+        if METHODS[self.merge_method].base == "ignored":
+            return list(self.models)
+        return [m for m in self.models if m.model != self.base_model]
+
+    @property
+    def inputs(self) -> list[str]:
+        """Model references in the order the method sees them: base first, then the others."""
+        spec = METHODS[self.merge_method]
+        head = [self.base_model] if spec.base == "required" else []
+        return head + [m.model for m in self.others]
+
+
+def _dtype(value: Any, key: str) -> Optional[str]:
+    if value is None:
+        return None
+    v = _ALIASES.get(str(value), str(value))
+    if v not in DTYPES:
+        raise PlanError(f"{key}={value!r} is invalid: use one of {', '.join(DTYPES)}")
+    return v
+
+
+def step_from_dict(d: dict, name: str = "merged") -> MergeStep:
+    """A step from a mergekit YAML mapping (or the same keys from a MergeStepConfig)."""
+    if not isinstance(d, dict):
+        raise PlanError(f"a merge plan must be a mapping with merge_method and models, got {type(d).__name__}")
+    bad = [k for k in _UNSUPPORTED if d.get(k)]
+    if bad:
+        raise PlanError(f"{bad[0]} is not supported by rdistill's merge: use models/base_model (the "
+                        "tokenizer and chat template are copied from the base model, else the first model)")
+    unknown = set(d) - {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
+    if unknown:
+        raise PlanError(f"unknown merge plan key(s) {sorted(unknown)}: allowed are merge_method, models, "
+                        "base_model, parameters, dtype, out_dtype")
+    method = d.get("merge_method")
+    if method not in METHODS:
+        raise PlanError(f"merge_method={method!r} is invalid: allowed: {', '.join(METHODS)}")
+    models = []
+    for i, m in enumerate(d.get("models") or []):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or not m.get("model"):
+            raise PlanError(f"models[{i}] needs a model: write '- model: PATH'")
+        models.append(ModelInput(str(m["model"]), dict(m.get("parameters") or {})))
+    step = MergeStep(method, models, d.get("base_model"), dict(d.get("parameters") or {}),
+                     _dtype(d.get("dtype"), "dtype"), _dtype(d.get("out_dtype"), "out_dtype"),
+                     d.get("name") or name)
+    check_step(step)
+    return step
+
+
+def check_step(step: MergeStep) -> None:
+    spec = METHODS[step.merge_method]
+    m = step.merge_method
+    if not step.models:
+        raise PlanError(f"{m}: list at least one model under models")
+    if spec.base == "required" and not step.base_model:
+        raise PlanError(f"{m} needs base_model (the model the others' changes are measured from)")
+    n = len(step.others)
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
+                else f"at least {spec.min_models}")
+        raise PlanError(f"{m} takes {want} model(s) besides base_model, got {n}")
+    allowed = set(spec.shared) | set(spec.per_model)
+    for where, params in [("parameters", step.parameters)] + \
+            [(f"models[{i}].parameters", mi.parameters) for i, mi in enumerate(step.models)]:
+        bad = set(params) - allowed
+        if bad:
+            raise PlanError(f"{where}: unknown parameter(s) {sorted(bad)} for {m}; allowed: "
+                            f"{', '.join(sorted(allowed)) or 'none'}")
+    for key, default in spec.shared.items():
+        if default is None and key not in step.parameters:
+            raise PlanError(f"{m} needs parameters.{key}")
+    for key, default in spec.per_model.items():
+        for mi in step.others:
+            if default is None and key not in mi.parameters and key not in step.parameters:
+                raise PlanError(f"{m} needs {key} for model {mi.model}: set models[].parameters.{key} "
+                                f"or parameters.{key}")
+
+
+def load_plan(source: Any) -> list[MergeStep]:
+    """Steps from a mergekit YAML file path, a YAML/dict mapping, a list of mappings, or steps."""
+    import yaml
+    if isinstance(source, MergeStep):
+        return [source]
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        try:
+            source = yaml.safe_load(Path(source).read_text())
+        except yaml.YAMLError as e:
+            raise PlanError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(source, dict) and "steps" in source:
+        source = source["steps"]
+    items = source if isinstance(source, list) else [source]
+    return [s if isinstance(s, MergeStep) else step_from_dict(s, name=f"step{i}") for i, s in enumerate(items)]
+
+
+# ---------------------------------------------------------------- per-tensor parameter values
+
+def _evaluate(setting: Any, tensor: str, t: float) -> Any:
+    if isinstance(setting, dict) and "value" in setting:
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            f = cond.get("filter") if isinstance(cond, dict) else None
+            if f is None or f == "*" or (tensor and f in tensor):
+                return _evaluate(cond["value"], tensor, t)
+        return None
+    raise PlanError(f"parameter value {setting!r} is not a number, a list or a filter condition")
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    return float(value)
+
+
+def layer_t(tensor: str, num_layers: int) -> float:
+    """mergekit's gradient position: layer / (layers - 1) inside the layers, 0 outside."""
+    m = _LAYER.search("." + tensor)
+    if not m or num_layers <= 1:
+        return 0.0 if not m else 1.0
+    return int(m.group(1)) / (num_layers - 1)
+
+
+def tensor_parameters(step: MergeStep, tensor: str, num_layers: int) -> tuple[dict, list[dict]]:
+    """(shared, per non-base model) parameter values for one tensor, defaults filled in."""
+    spec = METHODS[step.merge_method]
+    t = layer_t(tensor, num_layers)
+
+    def resolve(key, default, scopes):
+        for scope in scopes:
+            if key in scope:
+                v = _evaluate(scope[key], tensor, t)
+                if v is not None:
+                    return _coerce(v, default)
+        if default is None:
+            raise PlanError(f"{step.merge_method}: no value of {key} applies to tensor {tensor}")
+        return default
+
+    shared = {k: resolve(k, d, [step.parameters]) for k, d in spec.shared.items()}
+    per = [{k: resolve(k, d, [m.parameters, step.parameters]) for k, d in spec.per_model.items()}
+           for m in step.others]
+    return shared, per

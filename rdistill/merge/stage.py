@@ -1,0 +1,71 @@
+"""The merge stage: every candidate of `cfg.merge`, its steps in order, as streaming Ray tasks.
+
+Layout: `<run_dir>/merge/<candidate>/<step>/` per step; `<candidate>/final` is the last step (the
+step itself when it is named `final`, else a relative symlink to it); `selection.json` names the
+first candidate (run-dir relative), which the evaluate stage may replace by its dev-split choice.
+References in steps: `branch:<domain>`, `base`, paths, and `merge:<candidate>/<step>` or
+`merge:<candidate>` for outputs of this stage (resolved inside the folder being built, since it
+is only renamed into place after the stage returns).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rdistill.config import ConfigError, to_dict
+from rdistill.log import log
+from rdistill.merge.execute import Options, run_step
+from rdistill.merge.plan import PlanError, step_from_dict
+from rdistill.rundir import write_json_atomic
+
+
+def _resolver(ctx, cand: str, done: dict[str, Path]):
+    def resolve(ref: str) -> str:
+        if ref.startswith("merge:"):
+            c, _, s = ref[len("merge:"):].partition("/")
+            key = f"{c}/{s or 'final'}"
+            if key in done:
+                return str(done[key])
+            if (ctx.out / key).exists():
+                return str((ctx.out / key).resolve())
+            raise ConfigError(f"merge candidate {cand}: {ref} refers to a step that has not run yet; "
+                              "list steps (and candidates) in the order they depend on each other")
+        return ctx.model(ref)
+    return resolve
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg
+    if not cfg.merge.candidates:
+        raise ConfigError("merge.candidates is empty: configure at least one (e.g. merge=toy_fusion)")
+    opts = Options(shard_size=cfg.merge.shard_size_mb << 20, num_tasks=cfg.merge.num_tasks,
+                   seed=cfg.seed, device=cfg.device)
+    result: dict = {"candidates": {}}
+    done: dict[str, Path] = {}
+    for cand in cfg.merge.candidates:
+        names = [s.name for s in cand.steps]
+        if len(set(names)) != len(names) or "final" in names[:-1]:
+            raise ConfigError(f"merge.candidates.{cand.name}.steps: names must be unique and only the "
+                              f"last may be 'final', got {names}")
+        counts = {}
+        for i, step_cfg in enumerate(cand.steps):
+            try:
+                step = step_from_dict(to_dict(step_cfg), name=step_cfg.name)
+            except PlanError as e:
+                raise ConfigError(f"merge.candidates.{cand.name}.steps[{i}]: {e}") from None
+            dest = ctx.out / cand.name / step.name
+            counts[step.name] = run_step(step, dest, _resolver(ctx, cand.name, done), opts, log.info)
+            done[f"{cand.name}/{step.name}"] = dest
+        final = ctx.out / cand.name / "final"
+        if names[-1] != "final":
+            os.symlink(names[-1], final)  # relative: survives the stage folder's rename
+        done[f"{cand.name}/final"] = final
+        result["candidates"][cand.name] = counts
+    first = cfg.merge.candidates[0].name
+    write_json_atomic(ctx.out / "selection.json", {"candidate": first, "path": f"merge/{first}/final"})
+    steps = [c for cand in result["candidates"].values() for c in cand.values()]
+    result.update(selected=first, steps=len(steps), tensors_merged=sum(c["tensors"] for c in steps),
+                  bytes_written=sum(c["bytes_written"] for c in steps),
+                  seconds=round(sum(c["seconds"] for c in steps), 3))
+    return result

@@ -1,0 +1,203 @@
+"""Merge plans, input checks, shard I/O and the per-tensor math against mergekit's own kernels
+(no Ray here; tests/test_merge_parity.py runs whole merges through Ray against mergekit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rdistill.merge import InputError, PlanError, load_plan
+from rdistill.merge.inputs import check_inputs, load_input
+from rdistill.merge.methods import bernoulli, magnitude, merge_tensor
+from rdistill.merge.plan import tensor_parameters
+
+from test_merge_fixtures import make_variants
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return make_variants(tmp_path_factory.mktemp("merge_models"), vocab_cut=4)
+
+
+# ---------------------------------------------------------------- plans
+
+def test_mergekit_yaml_plan_with_gradients_and_filters(tmp_path):
+    (tmp_path / "cfg.yml").write_text("""
+merge_method: ties
+base_model: /m/base
+models:
+  - model: /m/a
+    parameters: {weight: [0.0, 1.0], density: 0.5}
+  - model: /m/b
+    parameters:
+      weight: 0.3
+      density: [{filter: mlp, value: 0.2}, {value: 0.9}]
+parameters: {lambda: 0.5}
+dtype: bf16
+""")
+    (step,) = load_plan(tmp_path / "cfg.yml")
+    assert step.dtype == "bfloat16" and step.inputs == ["/m/base", "/m/a", "/m/b"]
+    shared, per = tensor_parameters(step, "model.layers.2.mlp.up_proj.weight", num_layers=5)
+    assert shared == {"lambda": 0.5, "normalize": True, "rescale": False, "int8_mask": False}
+    assert per[0] == {"weight": 0.5, "density": 0.5}  # gradient at layer 2 of 0..4
+    assert per[1] == {"weight": 0.3, "density": 0.2}  # the mlp filter matches
+    _, per = tensor_parameters(step, "model.embed_tokens.weight", num_layers=5)
+    assert per[0]["weight"] == 0.0 and per[1]["density"] == 0.9  # outside layers: t = 0
+
+
+@pytest.mark.parametrize("plan, message", [
+    ({"merge_method": "magic", "models": ["a"]}, "merge_method='magic' is invalid"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}]}, "needs weight for model a"),
+    ({"merge_method": "slerp", "base_model": "b", "models": ["a", "c"], "parameters": {"t": 0.5}},
+     "exactly 1 model"),
+    ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "needs parameters.t"),
+    ({"merge_method": "arcee_fusion", "models": ["a"]}, "needs base_model"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"wieght": 1}}]}, "unknown parameter"),
+    ({"merge_method": "linear", "slices": [1], "models": ["a"]}, "slices is not supported"),
+    ({"merge_method": "linear", "models": ["a"], "dtype": "int4"}, "dtype='int4' is invalid"),
+])
+def test_bad_plans_fail_with_one_line(plan, message):
+    with pytest.raises(PlanError, match=message) as e:
+        load_plan(plan)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- input checks
+
+def test_input_checks_name_the_problem(models, tmp_path):
+    base, v0 = load_input("base", str(models["base"])), load_input("v0", str(models["v0"]))
+    shapes, cut = check_inputs([base, v0])
+    assert cut is None and shapes["model.embed_tokens.weight"] == (302, 128)
+    with pytest.raises(InputError, match="not found"):
+        load_input("gone", str(tmp_path / "gone"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(InputError, match=r"broken/model.safetensors: corrupt safetensors header"):
+        load_input("broken", str(broken))
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="no safetensors weights"):
+        load_input("broken", str(broken))
+    short = load_input("short", str(models["short_vocab"]))
+    with pytest.raises(InputError, match="vocabulary sizes differ in model.embed_tokens.weight"):
+        check_inputs([base, short])
+    shapes, cut = check_inputs([base, short], truncate_vocab=True)
+    assert cut == 298 and shapes["model.embed_tokens.weight"] == (298, 128)
+
+
+def test_streamed_shards_read_back(tmp_path):
+    from safetensors.torch import load_file
+
+    from rdistill.merge.st_io import create_shards, layout_shards, write_index, write_tensor
+    tensors = {f"t{i}": torch.randn(100 + i, 7).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(6)}
+    specs = [(k, tuple(v.shape), "BF16" if v.dtype == torch.bfloat16 else "F32") for k, v in tensors.items()]
+    placed, headers = layout_shards(specs, max_shard_bytes=3000)
+    assert len(headers) > 2
+    create_shards(tmp_path, headers)
+    handles = {}
+    for t in reversed(placed):  # any order, any writer
+        write_tensor(str(tmp_path), t, tensors[t.name], handles)
+    write_index(tmp_path, placed)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    for f in set(index.values()):
+        for k, v in load_file(tmp_path / f).items():
+            assert torch.equal(v, tensors[k]) and index[k] == f
+
+
+# ---------------------------------------------------------------- kernels against mergekit's
+
+def test_magnitude_selection_equals_mergekit_up_to_ties():
+    from mergekit.sparsify import magnitude as mk_magnitude
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(256, 300, generator=g) * 0.02
+    for density in (0.1, 0.5, 0.9):
+        assert torch.equal(magnitude(x32, density, False), mk_magnitude(x32, density))
+        x = x32.bfloat16()  # bf16: many equal magnitudes; argsort breaks ties arbitrarily
+        ours, theirs = magnitude(x, density, False), mk_magnitude(x, density)
+        assert int((ours != 0).sum()) == int((theirs != 0).sum())
+        k = max(1, int(density * x.numel()))
+        thr = x.abs().float().reshape(-1).sort(descending=True).values[k - 1]
+        differ = ours != theirs
+        assert bool((x.abs().float()[differ] == thr).all())  # only at the threshold magnitude
+
+
+def test_dare_statistics_match_mergekit():
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.registry import get
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1000, 1000, generator=g).bfloat16()
+    xs = [base] + [(base.float() + 0.01 * (i + 1) * torch.randn(1000, 1000, generator=g)).bfloat16() for i in range(2)]
+    delta = xs[1] - base
+    kept = (bernoulli(delta, 0.3, True, g) != 0).sum() / (delta != 0).sum()
+    assert abs(float(kept) - 0.3) < 0.003
+    for method in ("dare_ties", "dare_linear"):
+        per = [{"weight": 0.6, "density": 0.3}, {"weight": 0.4, "density": 0.5}]
+        shared = {"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False}
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        ours = merge_tensor(method, xs, shared, per, gens)
+        torch.manual_seed(7)
+        group = TensorGroup.from_tensors(xs, base_index=0)
+        theirs = get(method)([group], parameters={"weight": [0.6, 0.4], "density": [0.3, 0.5]})[0]
+        d_ours, d_theirs = (ours.float() - base.float()), (theirs.float() - base.float())
+        for stat in (lambda d: (d != 0).float().mean(), lambda d: d.norm(), lambda d: d.abs().mean()):
+            a, b = float(stat(d_ours)), float(stat(d_theirs))
+            assert abs(a - b) <= 0.01 * abs(b), (method, a, b)
+        again = merge_tensor(method, xs, shared, per, [torch.Generator().manual_seed(s) for s in (5, 6)])
+        assert torch.equal(ours, again)  # seeded: reproducible
+
+
+def test_arcee_fusion_matches_mergekit_exactly_small_and_statistically_large():
+    from mergekit.merge_methods.arcee_fusion import arcee_fusion_merge_method as mk
+    from mergekit.merge_methods.base import TensorGroup
+    g = torch.Generator().manual_seed(2)
+    for shape, exact in (((300, 128), True), ((1200, 1024), False)):  # 1.2M: quantiles from a sample
+        base = torch.randn(*shape, generator=g).bfloat16()
+        other = (base.float() + 0.05 * torch.randn(*shape, generator=g)).bfloat16()
+        ours = merge_tensor("arcee_fusion", [base, other], {}, [{}], [torch.Generator().manual_seed(3)])
+        theirs = mk([TensorGroup.from_tensors([base, other], base_index=0)])[0]
+        assert ours.dtype == theirs.dtype == torch.float32
+        if exact:
+            assert torch.equal(ours, theirs)
+        else:
+            k_ours, k_theirs = float((ours != base).float().mean()), float((theirs != base).float().mean())
+            assert 0.01 < k_theirs < 0.5 and abs(k_ours - k_theirs) < 0.003
+            assert abs(float(ours.norm()) - float(theirs.norm())) < 1e-4 * float(theirs.norm())
+
+
+def test_elementwise_methods_stream_big_tensors_in_row_blocks(tmp_path, monkeypatch):
+    """A task merges big tensors of linear, task_arithmetic and TIES in blocks of rows, with the
+    same result as whole-tensor merging."""
+    from safetensors.torch import load_file, save_file
+
+    from rdistill.merge import execute
+    from rdistill.merge.st_io import create_shards, layout_shards, model_tensors
+    g = torch.Generator().manual_seed(4)
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file({"emb": torch.randn(1000, 64, generator=g).bfloat16(), "b": torch.randn(7, generator=g)},
+                  d / "model.safetensors")
+        dirs.append(model_tensors(d))
+    monkeypatch.setattr(execute, "BLOCK_BYTES", 10_000)  # 'emb' (128 kB) goes in 13 blocks
+    gta = {"lambda": 0.7, "normalize": True, "rescale": False, "int8_mask": False}
+    for method, dtype, shared, per in (
+            ("linear", torch.float32, {"normalize": True}, [{"weight": w} for w in (1.0, 0.5, 0.2)]),
+            ("task_arithmetic", torch.float32, gta, [{"weight": 0.3, "density": 1.0}] * 2),
+            # two-pass TIES in blocks (bf16: many equal magnitudes at the threshold)
+            ("ties", torch.bfloat16, gta, [{"weight": 0.3, "density": 0.35}, {"weight": 0.6, "density": 0.8}])):
+        placed, headers = layout_shards([("emb", (1000, 64), "BF16"), ("b", (7,), "F32")], 1 << 20)
+        out = tmp_path / method
+        out.mkdir()
+        create_shards(out, headers)
+        unit = execute.Unit([(t, [m[t.name] for m in dirs], None, shared, per, 0) for t in placed])
+        res = execute.merge_unit(method, str(dtype).split(".")[1], str(out), unit, False)
+        assert res["tensors"] == 2 and res["nonfinite"] == []
+        got = load_file(out / "model.safetensors")
+        for name in ("emb", "b"):
+            xs = [load_file(tmp_path / f"m{i}" / "model.safetensors")[name].to(dtype) for i in range(3)]
+            assert torch.equal(got[name], merge_tensor(method, xs, shared, per, []).to(got[name].dtype))
