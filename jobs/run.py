@@ -40,6 +40,10 @@ def main(argv: list[str]) -> int:
         init_ray(cfg.ray)
         try:
             run_pipeline(cfg)
+            from rdistill.report.stage import table_from_report
+            table = table_from_report(os.path.join(cfg.run_dir, "report", "report.md"))
+            if table:  # the run ends with the TinyR1-style table
+                print(f"\n{table}\n(full report: {os.path.join(cfg.run_dir, 'report', 'report.md')})")
         finally:
             import ray
             ray.shutdown()

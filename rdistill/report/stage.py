@@ -1,0 +1,127 @@
+"""The report stage: report/report.md with the TinyR1-style table, the merge choice, whether the
+method held (merge beats base, keeps the branches' gains), the verify funnels, SFT token lengths,
+branch loss curves and an accuracy chart (PNG files next to it).
+
+`build_report(run_dir, out)` does the work from a run directory alone, so the notebook and tests
+use it without the pipeline; `table_from_report(path)` gives back the console table that
+jobs/run.py prints at the end of a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rdistill.report import inputs, plots
+from rdistill.report.table import (build_table, details_markdown, to_markdown, to_text,
+                                   verdict_markdown)
+
+TABLE_START, TABLE_END = "<!-- table:text -->", "<!-- /table:text -->"
+
+
+def labels_for(run_dir: str | Path, models: list[str]) -> dict[str, str]:
+    """Display names: the chosen merge is marked, the teacher and base carry their names."""
+    import json
+    sel = inputs.selection(run_dir) or {}
+    cfg_path = Path(run_dir) / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    out = {}
+    models = list(dict.fromkeys(models))
+    for m in models:
+        if m == f"merge:{sel.get('candidate')}" and sum(x.startswith("merge:") for x in models) > 1:
+            out[m] = f"{m} (chosen)"
+        elif m == "teacher" and cfg.get("teacher", {}).get("name"):
+            out[m] = f"teacher ({cfg['teacher']['name']})"
+        elif m == "base" and cfg.get("student", {}).get("name"):
+            out[m] = f"base ({cfg['student']['name']})"
+    return out
+
+
+def _funnel_md(funnels: dict[str, list[tuple[str, int]]]) -> str:
+    parts = []
+    for d, steps in funnels.items():
+        parts.append(f"**{d}**\n\n| step | samples |\n|---|---:|\n"
+                     + "\n".join(f"| {s} | {n} |" for s, n in steps))
+    return "\n\n".join(parts) if parts else "(the verify stage recorded no funnel)"
+
+
+def _selection_md(sel: dict | None, doms: list[str]) -> str:
+    if not sel:
+        return "(no merge selection recorded)"
+    lines = [f"Chosen merge: **{sel['candidate']}** (`{sel['path']}`)"]
+    scores = sel.get("scores") or {}
+    if scores:
+        seen = {d for s in scores.values() for d in (s.get("domains") or {})}
+        doms = [d for d in doms if d in seen]
+        lines += ["", f"Dev-split scores (pass@1 x 100, objective: {sel.get('objective', 'mean')}):", "",
+                  "| candidate | " + " | ".join(doms) + " | objective |",
+                  "|---|" + "---:|" * (len(doms) + 1)]
+        for name, s in scores.items():
+            per = s.get("domains") or {}
+            lines.append(f"| {name} | " + " | ".join(f"{100 * per[d]:.1f}" if d in per else "-" for d in doms)
+                         + f" | {100 * s['objective']:.1f} |")
+    elif sel.get("note"):
+        lines.append(f"({sel['note']})")
+    return "\n".join(lines)
+
+
+def build_report(run_dir: str | Path, out: str | Path) -> dict:
+    """Write report.md and its PNGs into `out` from the artifacts of `run_dir`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = inputs.results(run_dir)
+    doms = inputs.domains(run_dir)
+    models = [r["model"] for r in res]
+    t = build_table(res, doms, labels_for(run_dir, models))
+    sel = inputs.selection(run_dir)
+    merged = f"merge:{sel['candidate']}" if sel else next((m for m in t.rows if m.startswith("merge:")), None)
+    funnels = inputs.funnels(run_dir)
+    lengths = inputs.sft_lengths(run_dir, doms)
+    curves = inputs.loss_curves(run_dir, doms)
+    pngs = {
+        "accuracy": plots.accuracy_bars(t, out / "accuracy.png"),
+        "funnel": plots.funnel_bars(funnels, out / "funnel.png"),
+        "sft_tokens": plots.token_histograms(lengths, out / "sft_tokens.png"),
+        "loss": plots.loss_curves(curves, out / "loss.png"),
+    }
+    n = sorted({r["n_samples"] for r in res})
+    text = to_text(t)
+
+    def img(key: str, alt: str) -> str:
+        return f"![{alt}]({pngs[key].name})" if pngs[key] else f"({alt}: nothing to plot)"
+
+    md = [
+        f"# rdistill report: {Path(run_dir).absolute().name}", "",
+        "## Results", "",
+        f"pass@1 x 100 on each domain's test split, averaged over n = {', '.join(map(str, n))} samples "
+        "per prompt; **bold**: best student model per column (the teacher is the reference).", "",
+        to_markdown(t), "",
+        TABLE_START, "```text", text, "```", TABLE_END, "",
+        "## Merge choice", "", _selection_md(sel, doms), "",
+        "## Did the method hold?", "", verdict_markdown(t, merged) if merged else "(no merged model)", "",
+        "## Details", "", details_markdown(res, doms), "",
+        img("accuracy", "accuracy per domain"), "",
+        "## Verification funnel", "", _funnel_md(funnels), "", img("funnel", "verification funnel"), "",
+        "## SFT data: completion lengths", "",
+        " ".join(f"{d}: {len(v)} samples." for d, v in lengths.items()) or "(no SFT sets found)", "",
+        img("sft_tokens", "completion token lengths of the kept SFT samples"), "",
+        "## Branch training", "", img("loss", "branch training loss"), "",
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    return {"table": text, "rows": len(t.rows), "domains": len(doms), "merged": merged,
+            "plots": sorted(k for k, v in pngs.items() if v)}
+
+
+def table_from_report(path: str | Path) -> str | None:
+    """The console table embedded in a report.md (None if the file or the table is missing)."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    s = p.read_text()
+    if TABLE_START not in s:
+        return None
+    body = s.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
+    return body.replace("```text", "").replace("```", "").strip("\n")
+
+
+def run(ctx) -> dict:
+    return build_report(ctx.run.root, ctx.out)

@@ -1,0 +1,120 @@
+"""The report stage on a hand-made run directory: table numbers, best marks, verdict, funnels,
+plots that load back, the console table jobs/run.py prints, and the analysis notebook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rdistill.report.stage import build_report, table_from_report
+from rdistill.report.table import build_table, gain_kept, to_markdown, to_text
+
+REPO = Path(__file__).resolve().parent.parent
+DOMS = ["math", "code", "science"]
+SCORES = {  # pass@1 per model and domain
+    "base": [0.20, 0.10, 0.30],
+    "branch:math": [0.80, 0.05, 0.25],
+    "branch:code": [0.15, 0.60, 0.30],
+    "branch:science": [0.20, 0.10, 0.70],
+    "merge:fusion": [0.70, 0.50, 0.60],
+    "merge:ties": [0.50, 0.40, 0.50],
+    "teacher": [0.95, 0.90, 0.92],
+}
+
+
+def _results():
+    return [{"model": m, "domain": d, "n_prompts": 100, "n_samples": 4, "pass_at_1": v,
+             "stderr": 0.03, "n_errors": 0}
+            for m, vals in SCORES.items() for d, v in zip(DOMS, vals)]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    def dump(rel, obj):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(obj))
+    dump("config.json", {"domains": {d: {} for d in DOMS}, "teacher": {"name": "toy-teacher"},
+                         "student": {"name": "toy-student"}})
+    # shuffled on purpose: the table orders rows itself
+    dump("evaluate/results.json", list(reversed(_results())))
+    dump("evaluate/selection.json", {
+        "candidate": "fusion", "path": "merge/fusion/final", "objective": "mean",
+        "scores": {"fusion": {"domains": {"math": 0.7, "code": 0.5, "science": 0.6}, "objective": 0.6},
+                   "ties": {"domains": {"math": 0.5, "code": 0.4, "science": 0.5}, "objective": 0.4667}}})
+    dump("verify/manifest.json", {"result": {"funnel": {
+        d: {"generated": 400, "complete": 380, "format": 370, "correct": 300 + i, "dedup": 290 + i}
+        for i, d in enumerate(DOMS)}}})
+    for i, d in enumerate(DOMS):
+        rows = [{"messages": [], "completion_tokens": 20 + 5 * i + k % 7} for k in range(50)]
+        (tmp_path / "verify" / f"{d}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (tmp_path / "train" / d).mkdir(parents=True)
+        (tmp_path / "train" / d / "metrics.jsonl").write_text(
+            "\n".join(json.dumps({"step": s, "loss": 3.0 / (1 + s)}) for s in range(1, 21)))
+    return tmp_path
+
+
+def test_table_marks_best_student_and_computes_mean():
+    t = build_table(_results(), DOMS)
+    assert t.rows == ["base", "branch:math", "branch:code", "branch:science", "merge:fusion",
+                      "merge:ties", "teacher"]
+    assert t.value("merge:fusion", "mean") == pytest.approx(0.6)
+    md = to_markdown(t)
+    fusion = next(line for line in md.splitlines() if line.startswith("| merge:fusion"))
+    assert fusion == "| merge:fusion | 70.0 | 50.0 | 60.0 | **60.0** |"
+    teacher = next(line for line in md.splitlines() if line.startswith("| teacher"))
+    assert "**" not in teacher  # the teacher is the reference, never marked
+    assert "| branch:math | **80.0** |" in md
+    text = to_text(t)
+    assert "80.0*" in text and "95.0*" not in text
+
+
+def test_gain_kept_against_hand_computation():
+    g = gain_kept(build_table(_results(), DOMS), "merge:fusion")
+    assert g["math"]["kept"] == pytest.approx((0.70 - 0.20) / (0.80 - 0.20))
+    assert g["code"]["kept"] == pytest.approx(0.40 / 0.50)
+    assert g["science"]["kept"] == pytest.approx(0.30 / 0.40)
+    assert all(x["beats_base"] for x in g.values())
+
+
+def test_build_report_writes_markdown_and_loadable_plots(run_dir, tmp_path):
+    import matplotlib.image as mpimg
+    out = tmp_path / "report_out"
+    res = build_report(run_dir, out)
+    md = (out / "report.md").read_text()
+    assert "| merge:fusion (chosen) | 70.0 | 50.0 | 60.0 | **60.0** |" in md
+    assert "| teacher (toy-teacher) | 95.0 | 90.0 | 92.0 |" in md
+    assert "| ties | 50.0 | 40.0 | 50.0 | 46.7 |" in md  # every candidate's dev scores
+    assert "| correct | 302 |" in md  # science funnel
+    assert "Merged beats the base on every domain: **yes**" in md
+    assert res["plots"] == ["accuracy", "funnel", "loss", "sft_tokens"]
+    for name in ("accuracy", "funnel", "loss", "sft_tokens"):
+        assert f"]({name}.png)" in md
+        img = mpimg.imread(out / f"{name}.png")
+        assert img.shape[0] > 100 and img.shape[1] > 100
+    printed = table_from_report(out / "report.md")
+    assert printed == res["table"]
+    assert printed.splitlines()[0].split() == ["model"] + DOMS + ["mean"]
+    assert len(printed.splitlines()) == 2 + len(SCORES)
+
+
+def test_report_without_results_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the evaluate stage first"):
+        build_report(tmp_path, tmp_path / "out")
+    assert table_from_report(tmp_path / "missing.md") is None
+
+
+def test_notebook_shows_the_same_table(run_dir, tmp_path, monkeypatch, capsys):
+    """Runs the notebook's code cells in order (as a kernel would) against the run directory."""
+    nb = json.loads((REPO / "notebooks" / "analyze_run.ipynb").read_text())
+    monkeypatch.setenv("RDISTILL_RUN_DIR", str(run_dir))
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "analyze_run.ipynb", "exec"), ns)
+    shown = capsys.readouterr().out
+    assert to_text(ns["table"]) in shown
+    assert ns["table"].value("merge:fusion", "mean") == pytest.approx(0.6)
