@@ -24,20 +24,13 @@ class Target:
     splits: tuple[str, ...] = ("test",)
 
 
-def cpu_engine_kwargs(device: str) -> dict:
-    """vLLM's CPU backend crashes ('CPU Generator does not use offset') when chunked prefill
-    splits the prompt of a request that has its own seed, which every evaluation sample has:
-    without chunked prefill a prompt that does not fit waits for the next step instead."""
-    return {"enable_chunked_prefill": False} if device == "cpu" else {}
-
-
 def _student_spec(cfg: ExperimentConfig, name: str, path: str) -> LLMSpec:
     if not (Path(path).exists() or cfg.student.base == path):
         raise ConfigError(f"model {name} is missing at {path}: run the stage that builds it "
                           f"(stages=[train,merge,...]) before evaluate")
     return LLMSpec(model=path, name=name, backend="vllm", device=cfg.device,
                    sampling=cfg.eval.sampling, max_model_len=cfg.student.max_model_len,
-                   batch_size=cfg.eval.batch_size, engine_kwargs=cpu_engine_kwargs(cfg.device))
+                   batch_size=cfg.eval.batch_size)
 
 
 def needs_selection(cfg: ExperimentConfig) -> bool:
@@ -58,7 +51,5 @@ def eval_targets(cfg: ExperimentConfig, resolve) -> list[Target]:
         t = cfg.teacher
         model = resolve(t.model) if t.backend == "vllm" else t.model
         spec = LLMSpec.from_teacher(t, model, cfg.eval.sampling, cfg.device)
-        kwargs = {**cpu_engine_kwargs(cfg.device), **spec.engine_kwargs} if t.backend == "vllm" else {}
-        out.append(Target("teacher", dataclasses.replace(spec, name="teacher", batch_size=cfg.eval.batch_size,
-                                                         engine_kwargs=kwargs)))
+        out.append(Target("teacher", dataclasses.replace(spec, name="teacher", batch_size=cfg.eval.batch_size)))
     return out

