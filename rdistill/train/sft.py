@@ -48,7 +48,11 @@ def prepare_data(model_dir: str, sft_files: list[str], cfg: TrainConfig, data_fi
     """Check the student and tokenize, filter and pack the SFT set into `data_file`; raises
     SFTDataError before any training when the set, the tokenizer or max_len cannot work."""
     from transformers import AutoConfig, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    from rdistill.data.chat_template import apply_chat_template_override
+    try:
+        tok = apply_chat_template_override(AutoTokenizer.from_pretrained(model_dir), cfg.chat_template)
+    except ValueError as e:
+        raise SFTDataError(str(e)) from None
     limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
     if limit is not None and cfg.max_len > limit:
         raise SFTDataError(f"train.max_len={cfg.max_len} is more than the student {model_dir} can hold "

@@ -1,0 +1,1 @@
+"""Chat templates rdistill ships for training (render SFT samples), by name."""
