@@ -19,18 +19,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The count that says how much work a stage did, per stage (keys of its manifest's result).
-COUNTS = {"toy": "rows", "generate": "rows", "verify": "kept", "train": "steps", "merge": "candidates",
-          "evaluate": "samples", "report": None}
+# What says how much work a stage did: keys of its manifest's result, shown as key=value.
+WORK = {"toy": ["rows"], "generate": ["rows", "completion_tokens_per_s"], "verify": ["rows", "kept"],
+        "train": ["branches"], "merge": ["steps", "tensors_merged"], "evaluate": ["models", "samples"],
+        "report": ["rows"]}
 
 
-def _count(stage: str, result: dict) -> str:
-    key = COUNTS.get(stage)
-    v = result.get(key) if key else None
-    if v is None and key:  # per-domain results: sum what is there
-        vals = [x.get(key) for x in result.values() if isinstance(x, dict) and isinstance(x.get(key), (int, float))]
-        v = sum(vals) if vals else None
-    return f"{key}={v}" if v is not None else ""
+def _work(stage: str, result: dict) -> str:
+    return ", ".join(f"{k}={result[k]}" for k in WORK.get(stage, []) if result.get(k) is not None)
 
 
 def main() -> None:
@@ -50,7 +46,7 @@ def main() -> None:
         rows = []
         for stage in config["stages"]:
             m = json.loads((run_dir / stage / "manifest.json").read_text())
-            rows.append((stage, m["wall_time_s"], _count(stage, m.get("result", {}))))
+            rows.append((stage, m["wall_time_s"], _work(stage, m.get("result", {}))))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

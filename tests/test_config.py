@@ -108,6 +108,7 @@ def test_reference_preset_matches_the_recipe():
     assert [(s.base_model, s.models[0].model) for s in steps] == [
         ("branch:science", "branch:math"), ("branch:code", "merge:fusion/mid")]
     assert cfg.eval.sampling.temperature == 0.6 and cfg.domains["math"].eval_samples == 16
+    assert cfg.train.chat_template == "r1_distill_keep_reasoning"  # R1-Distill's template drops <think>
 
 
 def test_dry_run_of_the_32b_preset_lists_resources_and_what_does_not_fit(tmp_path):
@@ -120,3 +121,4 @@ def test_dry_run_of_the_32b_preset_lists_resources_and_what_does_not_fit(tmp_pat
     assert "branch math: 32 worker(s) x {'CPU': 8.0, 'GPU': 1.0}, ZeRO-3" in out
     assert "teacher tokens: at most" in out and "32.80B parameters" in out
     assert "does not fit this machine" in out and "train: GPU: needs 32, cluster has 0" in out
+    assert "[evaluate] no manifest; asks for GPU=4" in out  # a 32B engine on 4 GPUs (KV-cache room)

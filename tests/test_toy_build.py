@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from rdistill.toy.build import ASSETS, build, build_tokenizer, recipe_for, shipped_recipe, write_traces
+from rdistill.toy.build import (ASSETS, build, build_tokenizer, recipe_for, recipe_hash, shipped_recipe,
+                                write_traces)
 
 
 def test_shipped_models_are_what_the_recipe_makes_in_kind(tmp_path):
@@ -17,6 +18,9 @@ def test_shipped_models_are_what_the_recipe_makes_in_kind(tmp_path):
     from rdistill.toy.model import qwen2_config
     info = shipped_recipe()
     recipe = info["recipe"]
+    # built by today's recipe (RECIPE in rdistill/toy/build.py), through the project's trainer
+    assert info["hash"] == recipe_hash(recipe) == recipe_hash(recipe_for(recipe["seed"]))
+    assert info["trainer"] == "rdistill.train.sft.train_sft"
     tok = build_tokenizer(recipe, write_traces(recipe, tmp_path))
     for name in ("teacher", "base"):
         shipped = AutoTokenizer.from_pretrained(ASSETS / name)

@@ -50,13 +50,8 @@ def pass_at_1(tmp_path_factory):
     return res[str(ASSETS / "teacher")], res[str(ASSETS / "base")]
 
 
-# Known gap: the shipped teacher never learned science (picking the largest/smallest of four
-# converted quantities); strict, so this turns red once a rebuilt teacher reaches the target.
-SCIENCE_GAP = pytest.mark.xfail(strict=True, reason="shipped teacher's science pass@1 is about 0.25")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("domain", ["math", "code", pytest.param("science", marks=SCIENCE_GAP)])
+@pytest.mark.parametrize("domain", ["math", "code", "science"])
 def test_teacher_good_and_base_weaker_through_vllm(pass_at_1, domain):
     teacher, base = pass_at_1
     assert teacher[domain]["n"] == base[domain]["n"] == 100

@@ -191,6 +191,9 @@ class EvalConfig:
     concurrency: Optional[int] = spec(None, gt=0)
     """Models scored at once, one engine each (None: as many as the cluster's CPUs, or GPUs,
     hold; on a few-core machine 1-2 is faster, since engines share the cores)."""
+    tensor_parallel_size: int = spec(1, ge=1)
+    """GPUs per evaluation engine (vLLM tensor parallel degree): a 32B student in bf16 is 66 GB,
+    so one 80 GB GPU leaves almost no room for 32k-token KV caches; CPU engines use 1."""
 
 
 @dataclass

@@ -30,7 +30,8 @@ def _student_spec(cfg: ExperimentConfig, name: str, path: str) -> LLMSpec:
                           f"(stages=[train,merge,...]) before evaluate")
     return LLMSpec(model=path, name=name, backend="vllm", device=cfg.device,
                    sampling=cfg.eval.sampling, max_model_len=cfg.student.max_model_len,
-                   batch_size=cfg.eval.batch_size)
+                   batch_size=cfg.eval.batch_size,
+                   tensor_parallel_size=cfg.eval.tensor_parallel_size if cfg.device == "gpu" else 1)
 
 
 def needs_selection(cfg: ExperimentConfig) -> bool:

@@ -8,7 +8,8 @@ a scratchpad in a few thousand steps on a CPU:
 - code: a Python function applying one or two arithmetic steps described in words, checked by
   hidden asserts.
 - science: four-option multiple choice "which is the longest/heaviest/..." over quantities in
-  mixed units, scratchpad converts each option to the small unit, answer "Answer: X".
+  mixed units, scratchpad converts each option to the small unit, then compares them two at
+  a time carrying the winner, answer "Answer: X".
 
 Splits are decided by a hash of the underlying problem (the numbers and operations, not the
 names or wording), so a test problem's arithmetic is never seen in training in any wording.
@@ -136,7 +137,15 @@ def science_problem(rng: random.Random) -> Problem:
         values.append(v)
         shown.append(text)
         steps.append(f"{LETTERS[len(values) - 1]} {step}")
-    best = values.index(max(values) if want_max else min(values))
+    # Why a running comparison: a 1M-parameter model cannot pick the max of four numbers in one
+    # token (the first teacher stayed at chance), but it can compare two aligned 4-digit numbers
+    # (zero-padded; digits are single tokens) and carry the winner to the next comparison.
+    best = 0
+    for i in range(1, 4):
+        a, b = values[best], values[i]
+        steps.append(f"{LETTERS[best]} {a:04d} {'<' if a < b else '>'} {LETTERS[i]} {b:04d}")
+        if (b > a) == want_max:
+            best = i
     adj = most if want_max else least
     options = " ".join(f"{LETTERS[i]}) {s}" for i, s in enumerate(shown))
     prompt = f"Which is the {adj}? {options}"
