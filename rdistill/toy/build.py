@@ -45,7 +45,7 @@ RECIPE: dict = {
               "packing": True, "adam_beta2": 0.95, "weight_decay": 0.01, "grad_clip": 1.0,
               "checkpoint_every": 500},
     "teacher_steps": 3000,
-    "base_steps": 200,
+    "base_steps": 400,
 }
 
 
