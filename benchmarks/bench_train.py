@@ -5,7 +5,8 @@
 Trains the same SFT set twice through `rdistill.train.sft.train_sft` (one epoch each, same micro
 batch), once packed and once one sample per row, and prints real (non-pad) tokens/s over the
 training steps, the measured padding share, steps and wall time. The SFT set mimics verified
-reasoning traces: arithmetic chains of random length, so sample lengths vary several-fold.
+reasoning traces: arithmetic chains whose step counts are log-normal (median 6, up to 60), so
+most samples are short and a few are many times longer, as R1 traces are.
 Without --model a random tiny Qwen2 is built (rdistill.toy.model.tiny_test_model).
 
 Then the framework's overhead: the same packed rows trained for --steps steps by
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -28,11 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def write_traces(path: Path, n: int, seed: int = 0) -> None:
+def write_traces(path: Path, n: int, seed: int = 0, max_terms: int = 60) -> None:
     rng = random.Random(seed)
     with path.open("w") as f:
         for i in range(n):
-            terms = [rng.randint(1, 9) for _ in range(rng.randint(2, 24))]
+            # Reasoning-trace lengths are long-tailed (most short, a few many times longer):
+            # log-normal step counts, median 6, clipped to what fits max_len.
+            n_terms = min(max_terms, max(2, int(rng.lognormvariate(math.log(6), 0.9))))
+            terms = [rng.randint(1, 9) for _ in range(n_terms)]
             steps, acc = [], 0
             for t in terms:
                 steps.append(f"{acc}+{t}={acc + t}")
