@@ -92,6 +92,15 @@ def test_every_preset_composes_and_validates(overrides):
     assert cfg.domains and cfg.merge.candidates
 
 
+def test_toy_candidates_puts_ties_over_the_base_beside_the_fusion_chain():
+    cfg = load(["merge=toy_candidates"])
+    fusion, ties = cfg.merge.candidates
+    assert (fusion.name, ties.name) == ("fusion", "ties")
+    (step,) = ties.steps
+    assert step.merge_method == "ties" and step.base_model == "base"
+    assert [m.model for m in step.models] == ["branch:math", "branch:code", "branch:science"]
+
+
 def test_reference_preset_matches_the_recipe():
     cfg = load(["experiment=tinyr1_32b"])
     assert cfg.student.base == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"

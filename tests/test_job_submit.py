@@ -33,12 +33,18 @@ def ray_head():
     """A head node of our own, stopped by its process group id (never `ray stop`, which would
     stop every Ray on the machine)."""
     gcs, dash = _free_port(), _free_port()
+    # Ports of our own for every per-node agent: the defaults (e.g. the dashboard agent's 52365)
+    # are taken by any other Ray on this machine, such as the test session's cluster, and a head
+    # whose agent cannot bind answers every job submission with "No available agent".
+    agents = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+              f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+              f"--ray-client-server-port={_free_port()}"]
     env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ["PATH"], RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats", *agents],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -63,12 +69,12 @@ def ray_head():
 def _submit(url: str, env: dict, *args: str) -> subprocess.CompletedProcess:
     cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
            "python", "jobs/run.py", *args]
-    for _ in range(60):  # the dashboard's job agent comes up a little after the dashboard
+    deadline = time.time() + 180  # the dashboard's job agent comes up a little after the dashboard
+    while True:
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in p.stdout + p.stderr:
+        if "No available agent" not in p.stdout + p.stderr or time.time() > deadline:
             return p
         time.sleep(2)
-    return p
 
 
 def test_job_submit_dry_run_and_a_real_stage(ray_head, tmp_path):

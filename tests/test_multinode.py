@@ -24,7 +24,8 @@ SMALL = ["toy.n_train=24", "toy.n_dev=4", "toy.n_test=4", "generate.sampling.n=1
 def cluster():
     import ray
     from ray.cluster_utils import Cluster
-    if ray.is_initialized():
+    was_up = ray.is_initialized()
+    if was_up:  # the session's local cluster: this test needs a driver on the simulated one
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
     for _ in range(WORKER_NODES):
@@ -36,6 +37,10 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+        if was_up:  # later tests expect the session's cluster (conftest.ray_cluster)
+            from rdistill.config import RayConfig
+            from rdistill.topology import init_ray
+            init_ray(RayConfig(num_cpus=8))
 
 
 def _nodes_of(kind: str, name_part: str) -> set[str]:

@@ -6,7 +6,7 @@ training code (`rdistill.train.sft.train_sft`, Ray Train + DeepSpeed), cached by
 Steps: generate correct reasoning traces of the three domains (training split only), train a
 byte-level BPE tokenizer on them, initialise a tiny Qwen2 (head_dim 64), then fine-tune it on the
 traces: long for the teacher, briefly (a small share of the same data) for the base, so that the
-base has seen the format but is clearly weaker. Building to full quality takes about 24 minutes
+base has seen the format but is clearly weaker. Building to full quality takes about 23 minutes
 on 2 cores, so the package ships built models (rdistill/toy/assets, built by exactly this
 RECIPE) and the toy stage only calls this on `toy.rebuild=true` or a seed other than the shipped one.
 """
