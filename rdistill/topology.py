@@ -98,14 +98,15 @@ def eval_concurrency(cfg: ExperimentConfig, have: dict[str, Any], n_models: int)
     """How many models the evaluate stage scores at once (one Ray Data + vLLM pipeline each):
     as many engines as the cluster's CPUs (or GPUs) hold next to their light CPU stages and
     scorers, capped by eval.concurrency; at least 1 (Ray queues what does not fit)."""
-    per = _sum(engine_placement(cfg.device, _eval_tp(cfg))["bundles"])
+    per = _sum(engine_placement(cfg.device, eval_tensor_parallel(cfg))["bundles"])
     per["CPU"] = per.get("CPU", 0) + 4 * LIGHT_CPU  # chat template, tokenize, detokenize, score
     fit = min(int(float(have.get(k, 0)) // v) for k, v in per.items() if v > 0)
     n = min(n_models, max(1, fit))
     return min(n, cfg.eval.concurrency) if cfg.eval.concurrency else n
 
 
-def _eval_tp(cfg: ExperimentConfig) -> int:
+def eval_tensor_parallel(cfg: ExperimentConfig) -> int:
+    """GPUs per evaluation engine: eval.tensor_parallel_size on GPUs, 1 on CPUs."""
     return cfg.eval.tensor_parallel_size if cfg.device == "gpu" else 1
 
 
@@ -161,10 +162,10 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             p.notes.append(f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s) of "
                            f"{cfg.serve.model}, tp={cfg.serve.tensor_parallel_size}, port {cfg.serve.port}")
         elif stage in ("evaluate", "serve"):
-            b = engine_placement(cfg.device, _eval_tp(cfg))["bundles"]
+            b = engine_placement(cfg.device, eval_tensor_parallel(cfg))["bundles"]
             p.resources = _sum(b)
             n_models = 1 + len(cfg.domains) + len(cfg.merge.candidates) + int(cfg.eval.include_teacher)
-            p.notes.append(f"{n_models} models, one vLLM engine (tp={_eval_tp(cfg)}) each, "
+            p.notes.append(f"{n_models} models, one vLLM engine (tp={eval_tensor_parallel(cfg)}) each, "
                            f"{cfg.eval.concurrency or 'as many as fit'} at once" if stage == "evaluate"
                            else f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s)")
         elif stage in ("merge", "verify"):

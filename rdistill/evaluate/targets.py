@@ -14,6 +14,7 @@ from pathlib import Path
 from rdistill.config import ExperimentConfig
 from rdistill.config.fields import ConfigError
 from rdistill.generate.spec import LLMSpec
+from rdistill.topology import eval_tensor_parallel
 
 
 @dataclass
@@ -31,7 +32,7 @@ def _student_spec(cfg: ExperimentConfig, name: str, path: str) -> LLMSpec:
     return LLMSpec(model=path, name=name, backend="vllm", device=cfg.device,
                    sampling=cfg.eval.sampling, max_model_len=cfg.student.max_model_len,
                    batch_size=cfg.eval.batch_size,
-                   tensor_parallel_size=cfg.eval.tensor_parallel_size if cfg.device == "gpu" else 1)
+                   tensor_parallel_size=eval_tensor_parallel(cfg))
 
 
 def needs_selection(cfg: ExperimentConfig) -> bool:
