@@ -25,8 +25,7 @@ def main(argv: list[str]) -> int:
         from rdistill.config import ExperimentConfig
         print("top-level keys:", ", ".join(f.name for f in fields(ExperimentConfig)))
         return 0
-    from rdistill.config import ConfigError
-    from rdistill.log import setup
+    from rdistill.log import log_to_file, setup
     log = setup()
     try:
         from compose import load
@@ -35,9 +34,19 @@ def main(argv: list[str]) -> int:
         if cfg.dry_run:
             print_plan(cfg)
             return 0
-        from rdistill.pipeline import run_pipeline
-        from rdistill.topology import init_ray
-        init_ray(cfg.ray)
+        log_file = log_to_file(cfg.run_dir)
+        return run(cfg, log, log_file)
+    except KeyboardInterrupt:
+        log.info("interrupted; rerun the same command to resume where it stopped")
+        return 130
+    except BaseException as e:  # noqa: BLE001 (expected failures print one line; bugs keep their traceback)
+        return fail(e, log)
+
+
+def run(cfg, log, log_file) -> int:
+    from rdistill.pipeline import run_pipeline
+    from rdistill.watchdog import watch_run
+    with watch_run(cfg.run_dir):  # engine processes die with this run, even on kill -9
         try:
             run_pipeline(cfg)
             from rdistill.report.stage import table_from_report
@@ -47,13 +56,41 @@ def main(argv: list[str]) -> int:
         finally:
             import ray
             ray.shutdown()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        log.info("interrupted; rerun the same command to resume where it stopped")
-        return 130
+    if log_file:
+        log.debug("run finished; log: %s", log_file)
     return 0
+
+
+def fail(e: BaseException, log) -> int:
+    """One line on stderr for the project's expected failures (and a full disk); the traceback
+    goes to the run's log file. Anything else is a bug: its traceback is printed as well."""
+    import errno
+    import traceback
+
+    from rdistill.errors import expected_error
+    from rdistill.log import log_file_path
+    known = expected_error(e)
+    where = log_file_path()
+    if where:
+        try:
+            with open(where, "a") as f:
+                traceback.print_exception(e, file=f)
+        except OSError:  # the disk the log lives on may be the full one
+            where = None
+    if known is None and isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        print(f"error: out of disk space writing {e.filename or 'the run directory'}: free space or point "
+              "run_dir at a larger disk", file=sys.stderr)
+        return 1
+    if known is None:
+        if isinstance(e, SystemExit):
+            raise e
+        traceback.print_exception(e)
+        print(f"error: unexpected {type(e).__name__} (a bug; please report it with the traceback above"
+              f"{f' and {where}' if where else ''})", file=sys.stderr)
+        return 1
+    msg = " ".join(str(known).split())  # one line, whatever the raiser put in it
+    print(f"error: {msg}" + (f" (details: {where})" if where and known.exit_code != 2 else ""), file=sys.stderr)
+    return known.exit_code
 
 
 if __name__ == "__main__":  # vLLM spawns workers: engine-building code must sit behind this guard

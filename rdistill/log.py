@@ -45,3 +45,34 @@ class Progress:
         if extra:
             msg += " " + " ".join(f"{k}={v}" for k, v in extra.items())
         log.info(msg)
+
+
+_log_file: str | None = None
+
+
+def log_to_file(run_dir: str) -> str | None:
+    """Also write every rdistill log line (debug included) to <run_dir>/logs/run-<time>.log, where
+    the entry point adds the traceback of a failure that it reports in one line. Returns the path
+    (None when the folder cannot be created: the run itself then says why)."""
+    global _log_file
+    import os
+    try:
+        d = os.path.join(run_dir, "logs")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, time.strftime("run-%Y%m%d-%H%M%S.log"))
+        h = logging.FileHandler(path)
+    except OSError:
+        return None
+    h.setLevel(logging.DEBUG)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    log.addHandler(h)
+    log.setLevel(logging.DEBUG)
+    for handler in log.handlers:  # the console keeps its level
+        if handler is not h and handler.level == logging.NOTSET:
+            handler.setLevel(logging.INFO)
+    _log_file = path
+    return path
+
+
+def log_file_path() -> str | None:
+    return _log_file

@@ -156,6 +156,8 @@ def run_pipeline(cfg: ExperimentConfig) -> dict[str, str]:
     from rdistill.preflight import run_preflight
     run_preflight(cfg, run, [s for s, why in status(cfg, run).items() if why != "current"])
     write_json_atomic(run.root / "config.json", to_dict(cfg))
+    from rdistill.topology import init_ray
+    init_ray(cfg.ray)  # after preflight: a bad setup fails in seconds, before Ray starts
     done: dict[str, str] = {}
     for stage in cfg.stages:
         why = status(dataclasses.replace(cfg, stages=[stage]), run)[stage]

@@ -111,14 +111,64 @@ def check_teacher_format(completions: list[str]) -> None:
                              "teacher's chat template or reasoning output (e.g. an API returning reasoning separately)")
 
 
+def check_model(ref: str, path: str, what: str) -> None:
+    """A model reference names a model that exists: a local directory with a config.json, or a
+    Hugging Face id whose config loads (from the cache or the hub)."""
+    local = os.path.isabs(path) or ref.startswith((".", "/", "~", "toy:", "branch:", "merge:"))
+    if local:
+        if not (Path(path) / "config.json").exists():
+            raise PreflightError(f"{what}={ref}: no model at {path} (no config.json there): point it at an "
+                                 "HF model directory or a Hugging Face model id")
+        return
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 (hub errors have many types; all mean the same here)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PreflightError(f"{what}={ref}: cannot load the model's config ({first}): check the name, "
+                             "HF_TOKEN for gated models, or download it to a local folder") from None
+
+
+def check_endpoint(base_url: str, key: str | None, what: str = "teacher.base_url") -> None:
+    """An OpenAI-compatible endpoint answers at all (any HTTP status but an auth refusal)."""
+    import requests
+    url = base_url.rstrip("/") + "/models"
+    try:
+        r = requests.get(url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=15)
+    except requests.RequestException as e:
+        why = type(e).__name__ + (": connection refused" if "refused" in str(e).lower() else "")
+        raise PreflightError(f"{what}={base_url} is unreachable ({why}): start the endpoint or fix the URL") from None
+    if r.status_code in (401, 403):
+        raise PreflightError(f"{what}={base_url} refused the API key (HTTP {r.status_code}): check the "
+                             "variable teacher.api_key_env names")
+
+
 def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None:
     """The checks that apply to the stages about to run (the toy stage builds its own models)."""
     from rdistill.estimates import disk_bytes
     check_run_dir(run, disk_bytes(cfg) if "generate" in to_run or "train" in to_run else 0.0)
+    toy_now = "toy" in to_run
+    if "generate" in to_run:
+        t = cfg.teacher
+        if t.backend == "vllm" and not (t.model.startswith("toy:") and toy_now):
+            check_model(t.model, resolve_model(t.model, run), "teacher.model")
+        elif t.backend == "openai" and t.base_url:
+            from rdistill.generate.llm import api_key
+            from rdistill.generate.spec import LLMSpec
+            check_endpoint(t.base_url, api_key(LLMSpec(model=t.model, backend="openai",
+                                                       api_key_env=t.api_key_env)))
+    scores_code = any(d.kind == "code" and (d.require_correct or "evaluate" in to_run)
+                      for d in cfg.domains.values())
+    if scores_code and ("verify" in to_run or "evaluate" in to_run):
+        # Before any teacher token is spent: a sandbox that cannot run programs marks every
+        # code answer wrong.
+        from rdistill.verify.sandbox_check import check_sandbox
+        check_sandbox(cfg.verify.sandbox, "preflight")
     if "train" in to_run or "merge" in to_run:
         if cfg.student.base.startswith("toy:") and "toy" in to_run:
             return  # built by this very run
         base = resolve_model(cfg.student.base, run)
         if os.path.isdir(base) or not cfg.student.base.startswith("toy:"):
+            check_model(cfg.student.base, base, "student.base")
             check_student_tokenizer(base, cfg.train.chat_template)
             check_merge_inputs(cfg, run, base)

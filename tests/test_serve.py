@@ -73,6 +73,31 @@ def test_the_right_key_passes(auth_client):
     assert r.status_code == 200
 
 
+def test_models_says_503_until_the_model_has_answered():
+    """An ingress whose model never answers (its handle fails) keeps saying "not ready", with
+    an OpenAI-style body, however often it is polled."""
+    from fastapi.testclient import TestClient
+    from ray.llm._internal.serve.core.ingress.ingress import init
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from rdistill.serve.ingress import ingress_class
+
+    class DeadHandle:
+        def options(self, **_):
+            raise RuntimeError("no replica yet")
+    app = init()
+    cls = ingress_class(None)
+    make_fastapi_ingress(cls, app=app)
+    route = next(r for r in app.routes if getattr(r, "path", "") == "/v1/models")
+    instance = cls({"toy": DeadHandle()}, {"toy": None})
+    app.dependency_overrides[route.dependant.dependencies[0].call] = lambda: instance
+    c = TestClient(app, raise_server_exceptions=False)
+    for _ in range(3):
+        r = c.get("/v1/models")
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"], r.text
+    assert c.get("/v1/models/toy").status_code == 503
+
+
 def test_llm_config_carries_placement_bounds_and_reasoning_parser(tmp_path):
     from rdistill.topology import engine_placement
     spec = ServeSpec.from_config(ServeConfig(min_replicas=1, max_replicas=3, max_model_len=256,

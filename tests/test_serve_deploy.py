@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -67,12 +69,42 @@ def served(ray_cluster, tmp_path_factory):
                      "serve": {"port": free_port(), "api_key_env": KEY_ENV, "max_model_len": 256,
                                "blocking": False}})
     os.environ[KEY_ENV] = KEY
+    url = f"http://127.0.0.1:{cfg.serve.port}/v1"
+    seen, stop = [], threading.Event()  # what a load balancer polling /v1/models sees meanwhile
+    poller = threading.Thread(target=_poll_models, args=(url, seen, stop), daemon=True)
+    poller.start()
     try:
         info = stage.run(StageContext(cfg, RunDir(root), root / "out", root / "work"))
-        yield info
+        stop.set()
+        poller.join()
+        from rdistill.serve.loadtest import load_test
+        # the first requests after "ready", then the same again: what a client sees at once
+        first = load_test(url, "toy-served", n_requests=16, concurrency=16, max_tokens=16, api_key=KEY)
+        later = load_test(url, "toy-served", n_requests=16, concurrency=16, max_tokens=16, api_key=KEY)
+        yield {**info, "polled": seen, "first": first, "later": later}
     finally:
         os.environ.pop(KEY_ENV, None)
         serve.shutdown()
+
+
+def _poll_models(url: str, seen: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            seen.append(httpx.get(url + "/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code)
+        except httpx.HTTPError:
+            seen.append("no answer")
+        time.sleep(0.5)
+
+
+def test_ready_only_when_it_can_generate(served):
+    """/v1/models says 503 while the model loads and 200 once a request has gone through; the
+    first 16 requests after that are as fast as the next 16 (seen before: 51.6 s each, for
+    a model that answers in under a second)."""
+    polled = [s for s in served["polled"] if s != "no answer"]
+    assert 503 in polled and 200 not in polled[:polled.index(503) + 1], served["polled"]
+    first, later = served["first"], served["later"]
+    assert first["errors"] == later["errors"] == 0
+    assert first["latency_ms"]["max"] <= 3 * later["latency_ms"]["max"] + 2000, (first, later)
 
 
 def post(served, path, body, key=KEY, **kw):

@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config value is invalid. The message is one line: key, value, what is allowed."""
+from rdistill.errors import ConfigError  # noqa: F401  (re-exported: its home is rdistill.errors)
 
 
 def spec(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,

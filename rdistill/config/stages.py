@@ -54,6 +54,13 @@ class SandboxConfig:
     """Process-count limit (RLIMIT_NPROC, enforced after dropping to an unprivileged uid)."""
     max_output_bytes: int = spec(65536, gt=0)
     """Stdout/stderr kept per program; the rest is cut."""
+    busy_retries: int = spec(2, ge=0)
+    """Reruns of a program that hit the wall-clock limit while it waited for a busy machine's
+    CPU (little CPU used, long run-queue waits), each with twice the wall time; still blocked
+    after them, it is recorded as an infrastructure failure, never as a wrong answer."""
+    python: Optional[str] = None
+    """Interpreter that runs the programs (None: the one running rdistill). Its folders are
+    mounted read-only into the sandbox wherever they live (a venv under /tmp, a 0700 parent)."""
 
 
 @dataclass

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from rdistill.errors import DataError
+
 IGNORE = -100  # label of tokens without loss (torch's cross_entropy ignore_index)
 
 
-class SFTDataError(ValueError):
+class SFTDataError(DataError):
     """An SFT set or a tokenizer that cannot be trained on; the message says what to fix."""
 
 

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from rdistill.config.fields import ConfigError
+from rdistill.errors import ResourceError
 
 
 def pass_at_k(n: int, c: int, k: int = 1) -> float:
@@ -39,25 +40,34 @@ def mean_and_stderr(per_prompt: Iterable[float]) -> tuple[float, float | None]:
 
 
 def aggregate(samples, k: int = 1, keys: tuple[str, ...] = ("model", "domain")) -> list[dict]:
-    """Per-sample rows (columns: *keys, prompt_id, correct, optional error) -> one record per
-    key group: {model, domain, n_prompts, n_samples, pass_at_1, stderr, n_errors}.
-    A sample whose generation failed counts as incorrect and is counted in n_errors."""
+    """Per-sample rows (columns: *keys, prompt_id, correct, optional error, optional infra) -> one
+    record per key group: {model, domain, n_prompts, n_samples, pass_at_1, stderr, n_errors,
+    n_infra}. A sample whose generation failed counts as incorrect and is counted in n_errors.
+    A sample the verifier could not judge (`infra`: the sandbox or a busy machine failed) is left
+    out of pass@1 and counted in n_infra; a prompt with no judged sample is left out too."""
     import pandas as pd
     df = pd.DataFrame(samples)
     if df.empty:
         return []
     if "error" not in df:
         df["error"] = None
+    if "infra" not in df:
+        df["infra"] = False
+    df["infra"] = df["infra"].fillna(False).astype(bool)
     df["failed"] = df["error"].notna() & (df["error"].astype(str) != "")
     out = []
     for key, g in df.groupby(list(keys), sort=True):
-        per = g.groupby("prompt_id").agg(n=("correct", "size"), c=("correct", "sum"))
+        judged = g[~g["infra"]]
+        if judged.empty:
+            raise ResourceError(f"evaluate: no sample of {key} could be judged ({len(g)} sandbox or busy-machine "
+                                "failures, reason column of evaluate/samples.parquet): fix the code sandbox and rerun")
+        per = judged.groupby("prompt_id").agg(n=("correct", "size"), c=("correct", "sum"))
         scores = [pass_at_k(int(n), int(c), k) for n, c in zip(per["n"], per["c"])]
         mean, se = mean_and_stderr(scores)
         rec = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         rec.update(n_prompts=int(len(per)), n_samples=int(per["n"].max()),
                    pass_at_1=round(mean, 6), stderr=None if se is None else round(se, 6),
-                   n_errors=int(g["failed"].sum()))
+                   n_errors=int(g["failed"].sum()), n_infra=int(g["infra"].sum()))
         if k != 1:
             rec[f"pass_at_{k}"] = rec.pop("pass_at_1")
         out.append(rec)

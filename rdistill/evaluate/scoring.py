@@ -13,10 +13,11 @@ from rdistill.topology import LIGHT_CPU
 
 
 def score_rows(df, sandbox=None):
-    """Add `correct` (bool), `reason` (str) and `extracted` (the judged answer) to a pandas
-    batch of generated rows (columns kind, language, completion, gold, tests, entry_point)."""
+    """Add `correct` (bool), `reason` (str), `extracted` (the judged answer) and `infra` (no
+    verdict: the sandbox or a busy machine failed, not the model) to a pandas batch of generated
+    rows (columns kind, language, completion, gold, tests, entry_point)."""
     from rdistill.verify.scoring import score
-    correct, reasons, extracted = [], [], []
+    correct, reasons, extracted, infra = [], [], [], []
     for row in df.to_dict("records"):
         # pandas turns None into NaN in mixed columns; the verifiers expect None
         row = {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in row.items()}
@@ -32,8 +33,9 @@ def score_rows(df, sandbox=None):
         correct.append(bool(v and v.correct))
         reasons.append(why)
         extracted.append(v.extracted if v else None)
+        infra.append(bool(v and v.infra))
     df = df.copy()
-    df["correct"], df["reason"], df["extracted"] = correct, reasons, extracted
+    df["correct"], df["reason"], df["extracted"], df["infra"] = correct, reasons, extracted, infra
     return df
 
 

@@ -27,7 +27,7 @@ from rdistill.rundir import write_json_atomic
 # Columns kept in samples.parquet (the chat messages and verifier inputs are left out).
 SAMPLE_COLUMNS = ["model", "domain", "split", "prompt_id", "sample_idx", "id", "seed", "prompt",
                   "completion", "finish_reason", "prompt_tokens", "completion_tokens", "correct",
-                  "reason", "extracted", "error"]
+                  "reason", "extracted", "infra", "error"]
 
 
 def _slug(name: str) -> str:
@@ -116,6 +116,9 @@ def run(ctx) -> dict:
 
     from rdistill.topology import eval_concurrency
     cfg = ctx.cfg
+    if any(d.kind == "code" for d in cfg.domains.values()):
+        from rdistill.verify.sandbox_check import check_sandbox
+        check_sandbox(cfg.verify.sandbox, "evaluate")
     targets = eval_targets(cfg, ctx.model)
     splits = sorted({s for t in targets for s in t.splits})
     rows = {s: [] for s in splits}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from rdistill.config import to_dict
+from rdistill.errors import ResourceError
 from rdistill.generate import store
 from rdistill.generate.llm import api_key, expand_samples, generate, sampling_json
 from rdistill.generate.sources import load_records, screen_records
@@ -25,7 +26,7 @@ from rdistill.rundir import stable_hash, write_json_atomic
 from rdistill.topology import init_ray
 
 
-class GenerationError(RuntimeError):
+class GenerationError(ResourceError):
     """Too many rows failed after retries (more than generate.max_error_share)."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from rdistill.errors import RdistillError
 from rdistill.merge.inputs import InputModel, check_inputs, load_input
 from rdistill.merge.plan import MergeStep, tensor_parameters
 from rdistill.merge.st_io import (InputError, OutTensor, TensorLoc, create_shards, layout_shards,
@@ -32,7 +33,7 @@ _FLOAT_RANK = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
 _NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-class MergeError(RuntimeError):
+class MergeError(RdistillError):
     """A merge produced a bad result (non-finite tensors, a model that does not load)."""
 
 

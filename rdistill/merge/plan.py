@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from rdistill.errors import ConfigError
 from rdistill.merge.methods import METHODS
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -23,7 +24,7 @@ _UNSUPPORTED = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_temp
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """A merge plan is invalid; the message is one line naming the key and the fix."""
 
 

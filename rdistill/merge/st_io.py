@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from rdistill.errors import DataError
+
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
              "I64": torch.int64, "BOOL": torch.bool}
@@ -26,7 +28,7 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """An input model is missing, unreadable or incompatible; the message names the file."""
 
 

@@ -102,13 +102,13 @@ def details_markdown(results: list[dict], domains: Sequence[str] = ()) -> str:
     """Every record with its sample counts and standard error (pass@1 x 100)."""
     doms = list(domains) or sorted({r["domain"] for r in results})
     rows = row_order([r["model"] for r in results], doms)
-    lines = ["| model | domain | prompts | samples/prompt | pass@1 | stderr | failed samples |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | domain | prompts | samples/prompt | pass@1 | stderr | failed samples | unjudged samples |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: (rows.index(r["model"]),
                                             doms.index(r["domain"]) if r["domain"] in doms else len(doms))):
         se = "-" if r.get("stderr") is None else f"{100 * r['stderr']:.1f}"
         lines.append(f"| {r['model']} | {r['domain']} | {r['n_prompts']} | {r['n_samples']} | "
-                     f"{_fmt(r['pass_at_1'])} | {se} | {r.get('n_errors', 0)} |")
+                     f"{_fmt(r['pass_at_1'])} | {se} | {r.get('n_errors', 0)} | {r.get('n_infra', 0)} |")
     return "\n".join(lines)
 
 

@@ -107,7 +107,9 @@ def llm_config(spec: ServeSpec):
     engine.update(spec.engine_kwargs)
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "TOKENIZERS_PARALLELISM": "false"}
+    from rdistill.serve.warmup import WarmLLMServer
     return LLMConfig(
+        server_cls=WarmLLMServer,  # a replica takes traffic only after it has generated
         model_loading_config=dict(model_id=spec.served_name, model_source=spec.model),
         engine_kwargs=engine,
         placement_group_config=engine_placement(spec.device, spec.tensor_parallel_size),

@@ -23,6 +23,8 @@ from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.responses import Response
 
+from rdistill.serve.warmup import Readiness, drain, warmup_request
+
 
 def _error(status: int, message: str, kind: str) -> OpenAIHTTPException:
     return OpenAIHTTPException(status_code=status, message=message, type=kind, internal_message=message)
@@ -41,6 +43,37 @@ async def _messages_must_be_a_list(request: Request) -> None:
 
 
 class RdistillIngress(OpenAiIngress):
+    """Ray's ingress with OpenAI-style errors and a readiness gate: `/v1/models` answers 503
+    until the model has answered a request through this ingress (see rdistill.serve.warmup)."""
+
+    _readiness: Optional[Readiness] = None
+
+    def _ready(self) -> bool:
+        if not self._model_cards:
+            return True  # nothing to wait for
+        if self._readiness is None:
+            self._readiness = Readiness()
+        if not self._readiness.ready:
+            model = next(iter(self._model_cards))
+            self._readiness.start(lambda: drain(self._get_response(body=warmup_request(model),
+                                                                   call_method="chat")), f"model {model}")
+        return self._readiness.ready
+
+    async def check_health(self):
+        self._ready()  # start the warm-up as soon as Serve looks at this replica
+
+    async def models(self):
+        if not self._ready():
+            raise _error(503, "the model is still loading; poll /v1/models until it answers 200",
+                         "ServiceUnavailableError")
+        return await super().models()
+
+    async def model_data(self, model: str):
+        if not self._ready():
+            raise _error(503, "the model is still loading; poll /v1/models until it answers 200",
+                         "ServiceUnavailableError")
+        return await super().model_data(model)
+
     async def _get_model_id(self, model: Optional[str]) -> str:
         try:
             return await super()._get_model_id(model)

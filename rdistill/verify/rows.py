@@ -21,10 +21,14 @@ from rdistill.verify.dedup import ContaminationIndex, exact_key, minhash
 from rdistill.verify.extract import format_problem
 from rdistill.verify.scoring import score
 
+INFRA = "unverified_infra"
 # funnel step -> the drop reason of rows that fail it (in order)
+# `checked`: the verifier could judge the answer; rows it could not (the sandbox failed to start,
+# or a busy machine kept a program from running in time) are unverified, never counted as wrong.
 FUNNEL = [("generated", None), ("complete", "incomplete"), ("formatted", "bad_format"),
           ("within_budget", "over_budget"), ("decontaminated", "contaminated"),
-          ("correct", "incorrect"), ("deduplicated", "duplicate"), ("kept", "over_sample_cap")]
+          ("checked", INFRA), ("correct", "incorrect"), ("deduplicated", "duplicate"),
+          ("kept", "over_sample_cap")]
 NEAR_DUPLICATE = "near_duplicate"  # counted at the deduplicated step, like duplicate
 # What the checks hand back: fixed types, so that domains whose optional columns are all null
 # (no tests in math) still union into one dataset.
@@ -56,6 +60,8 @@ def check_row(r: dict, kind: str, language: str, max_tokens: int, index: Optiona
     if not require_correct:  # sources without checkable gold (domain require_correct=false)
         return None, "not verified (require_correct=false)", None
     v = score(kind, r["completion"], r, sandbox, language)
+    if v.infra:
+        return INFRA, v.reason, v.extracted
     if not v.correct:
         return "incorrect", v.reason, v.extracted
     return None, v.reason, v.extracted

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from rdistill.config import SandboxConfig
+from rdistill.verify.sandbox_mounts import Mounts, mounts_for
 
 log = logging.getLogger("rdistill")
 
@@ -66,7 +67,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 class SandboxResult:
     status: str
     """ok | error (non-zero exit) | timeout (wall or CPU limit) | memory | killed (a signal) |
-    sandbox_error (the sandbox itself could not start)."""
+    busy (the machine, not the program: it kept waiting for CPU until the wall-clock limit, on
+    every retry) | sandbox_error (the sandbox itself could not start)."""
     exit_code: Optional[int]
     signal: Optional[int]
     stdout: str
@@ -80,6 +82,17 @@ class SandboxResult:
     """Why, in a few words: the exception's last line, which limit was hit."""
     uid: Optional[int] = None
     """The private uid the program ran as (None when not started as root)."""
+    cpu_s: Optional[float] = None
+    """CPU seconds the program used (measured at a wall-clock timeout)."""
+    queue_wait_s: Optional[float] = None
+    """Seconds it was ready to run but waited for a CPU (measured at a wall-clock timeout)."""
+    attempts: int = 1
+    """Runs it took: more than 1 when a busy machine made it miss the wall-clock limit."""
+
+    @property
+    def infra(self) -> bool:
+        """The verdict says nothing about the program: the sandbox or the machine failed."""
+        return self.status in ("busy", "sandbox_error")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,22 +102,18 @@ def have_bwrap() -> bool:
     return shutil.which("bwrap") is not None
 
 
-def _interpreter_paths(python: str) -> list[str]:
-    """Folders the interpreter needs that may sit under a hidden path (a venv, a pyenv)."""
-    cands = {os.path.dirname(os.path.dirname(os.path.abspath(python))),
-             os.path.dirname(os.path.dirname(os.path.realpath(python))), sys.prefix,
-             sys.base_prefix, sys.exec_prefix}
-    return sorted(p for p in cands if any(p == h or p.startswith(h + "/") for h in HIDDEN))
-
-
-def _bwrap_argv(cfg: SandboxConfig, python: str, uid: Optional[int]) -> list[str]:
+def _bwrap_argv(cfg: SandboxConfig, mounts: Mounts, uid: Optional[int]) -> list[str]:
     size = str(max(cfg.memory_mb, 16) << 20)
     argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm"]
     for h in HIDDEN:
         if os.path.isdir(h):
             argv += ["--perms", "0755", "--tmpfs", h]
-    for p in _interpreter_paths(python):
+    for m in mounts.tmpfs:  # folders the sandbox uid cannot enter: empty, with the needed ones bound in
+        argv += ["--perms", "0755", "--tmpfs", m]
+    for d in mounts.parents:  # bwrap would create them with the host folder's mode (0700 for mktemp -d)
+        argv += ["--perms", "0755", "--dir", d]
+    for p in mounts.binds:
         argv += ["--ro-bind", p, p]
     argv += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
              "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv",
@@ -130,6 +139,39 @@ def _reader(stream, limit: int, out: list) -> None:
         if len(kept) < limit:
             kept += chunk[:limit - len(kept)]
     out.extend([bytes(kept), total > limit])
+
+
+def _program_usage(root: int) -> tuple[Optional[float], float]:
+    """(CPU seconds, run-queue wait seconds) of the program's own process, the shallowest process
+    below `root` running the launcher: what it used, and how long it was ready to run while the
+    machine gave the CPU to others. Only that process: a program's own busy children would
+    otherwise count as a busy machine."""
+    kids: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+    level = [root]
+    while level:
+        for pid in level:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                if argv[0].endswith((b"bwrap", b"setpriv")) or not any(a.endswith(b"_launch.py") for a in argv):
+                    continue  # bwrap and setpriv carry the launcher in their arguments too
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/schedstat") as f:
+                    wait = int(f.read().split()[1]) / 1e9
+                # utime, stime, cutime, cstime: fields 14-17 of stat (11-14 after the name)
+                return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK"), wait
+            except (OSError, IndexError, ValueError):
+                continue
+        level = [k for pid in level for k in kids.get(pid, [])]
+    return None, 0.0
 
 
 def _kill_uid(uid: int) -> None:
@@ -169,10 +211,37 @@ def _classify(code: Optional[int], timed_out: bool, stderr: str) -> tuple[str, O
 def run_program(source: str, stdin: str | bytes | None = None, cfg: Optional[SandboxConfig] = None,
                 python: Optional[str] = None, use_bwrap: Optional[bool] = None) -> SandboxResult:
     """Run `source` as a Python program under the sandbox limits; never raises for the program's
-    misbehaviour (that is the result), only for a broken host setup."""
-    global _warned
+    misbehaviour (that is the result), only for a broken host setup.
+
+    A wall-clock timeout is the program's fault when it was idle (sleeping, blocked) or had used
+    its CPU; when it spent the time waiting in the run queue of a busy machine, it is rerun with
+    twice the wall time, up to `busy_retries` times, then reported as `busy` (infrastructure)."""
     cfg = cfg or SandboxConfig()
-    python = python or sys.executable
+    res = None
+    for attempt in range(cfg.busy_retries + 1):
+        res = _run_once(source, stdin, cfg, python, use_bwrap, cfg.timeout_s * 2 ** attempt)
+        res.attempts = attempt + 1
+        if not (res.status == "timeout" and res.detail.startswith("wall-clock") and _starved(res, cfg)):
+            return res
+        log.info("sandbox: wall-clock limit after %.1fs with %.2fs CPU, the rest waiting for a busy "
+                 "machine; retrying with %.0fs", res.wall_s, res.cpu_s or 0.0, cfg.timeout_s * 2 ** (attempt + 1))
+    res.status = "busy"
+    res.detail = (f"the machine was too busy: wall-clock limit on {res.attempts} tries, the last after "
+                  f"{res.wall_s:.1f}s with only {res.cpu_s or 0:.2f}s CPU")
+    return res
+
+
+def _starved(res: SandboxResult, cfg: SandboxConfig) -> bool:
+    """At a wall-clock timeout: did the program want CPU it did not get? Not idle (sleeping or
+    blocked on its own), short of its CPU limit, and a good share of the time in the run queue."""
+    wait, cpu = res.queue_wait_s or 0.0, res.cpu_s or 0.0
+    return cpu < 0.9 * cfg.cpu_s and cpu + wait >= 0.5 * res.wall_s and wait >= 0.25 * res.wall_s
+
+
+def _run_once(source: str, stdin, cfg: SandboxConfig, python: Optional[str], use_bwrap: Optional[bool],
+              timeout_s: float) -> SandboxResult:
+    global _warned
+    python = python or cfg.python or sys.executable
     use_bwrap = have_bwrap() if use_bwrap is None else use_bwrap
     is_root = os.geteuid() == 0
     uid = random.SystemRandom().randrange(*UID_RANGE) if is_root and shutil.which("setpriv") else None
@@ -191,13 +260,16 @@ def run_program(source: str, stdin: str | bytes | None = None, cfg: Optional[San
                 f.write(text)
             os.chmod(os.path.join(host, name), 0o644)
         inner = BOX if use_bwrap else host
-        cmd = [python, "-I", "-B", f"{inner}/_launch.py", json.dumps(limits), f"{inner}/main.py"]
         if use_bwrap:
-            argv = _bwrap_argv(cfg, python, uid)
+            mounts = mounts_for(python, uid is not None)
+            cmd = [mounts.exe, "-I", "-B", f"{inner}/_launch.py", json.dumps(limits), f"{inner}/main.py"]
+            argv = _bwrap_argv(cfg, mounts, uid)
             argv[argv.index("--chdir"):argv.index("--chdir")] = ["--ro-bind", host, BOX]
             cmd = argv + cmd
-        elif uid is not None:
-            cmd = _setpriv(uid) + cmd
+        else:
+            cmd = [python, "-I", "-B", f"{inner}/_launch.py", json.dumps(limits), f"{inner}/main.py"]
+            if uid is not None:
+                cmd = _setpriv(uid) + cmd
         env = None if use_bwrap else {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": host, "LANG": "C.UTF-8"}
         data = stdin.encode() if isinstance(stdin, str) else stdin
         t0 = time.monotonic()
@@ -212,11 +284,12 @@ def run_program(source: str, stdin: str | bytes | None = None, cfg: Optional[San
             t.start()
         if data is not None:
             threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True).start()
-        timed_out = False
+        timed_out, cpu, wait = False, None, 0.0
         try:
-            code = proc.wait(timeout=cfg.timeout_s)
+            code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
+            cpu, wait = _program_usage(proc.pid)  # before the kill: what it used, what it waited
             _killpg(proc.pid)
             code = proc.wait()
         wall = time.monotonic() - t0
@@ -230,8 +303,10 @@ def run_program(source: str, stdin: str | bytes | None = None, cfg: Optional[San
         err, err_cut = (errs or [b"", False])[:2]
         stderr = err.decode("utf-8", "replace")
         status, sig, detail = _classify(code, timed_out, stderr)
-        return SandboxResult(status, code, sig, out.decode("utf-8", "replace"), stderr, out_cut,
-                             err_cut, round(wall, 4), "bwrap" if use_bwrap else "rlimits", detail, uid)
+        res = SandboxResult(status, code, sig, out.decode("utf-8", "replace"), stderr, out_cut,
+                            err_cut, round(wall, 4), "bwrap" if use_bwrap else "rlimits", detail, uid,
+                            None if cpu is None else round(cpu, 3), round(wait, 3) if timed_out else None)
+        return res
     finally:
         shutil.rmtree(host, ignore_errors=True)
 

@@ -37,6 +37,8 @@ class Verdict:
     """Why, in a few words: 'correct', 'wrong answer', 'no answer found', 'tests failed: ...'."""
     extracted: Optional[str] = None
     """The answer that was judged (the parsed value, the chosen letter, the program)."""
+    infra: bool = False
+    """No verdict on the answer: the sandbox or the machine failed (counted apart, never as wrong)."""
 
 
 def _field(record: dict, key: str) -> Optional[str]:
@@ -115,7 +117,7 @@ def _io_code(program: str, cases: list[dict], sandbox: Optional[SandboxConfig]) 
     for i, case in enumerate(cases):
         res = run_program(program, str(case["input"]), sandbox)
         if res.status != "ok":
-            return Verdict(False, f"case {i}: {res.status}: {res.detail}".rstrip(": "), program)
+            return Verdict(False, f"case {i}: {res.status}: {res.detail}".rstrip(": "), program, res.infra)
         if res.stdout.split() != str(case["output"]).split():
             return Verdict(False, f"tests failed: case {i}: wrong output", program)
     return Verdict(True, "passed", program)
@@ -142,7 +144,7 @@ def _code(completion: str, record: dict, sandbox: Optional[SandboxConfig], langu
     if res.status == "error":
         failed = res.detail.startswith("AssertionError")
         return Verdict(False, ("tests failed: " if failed else "crashed: ") + res.detail, program)
-    return Verdict(False, f"{res.status}: {res.detail}".rstrip(": "), program)
+    return Verdict(False, f"{res.status}: {res.detail}".rstrip(": "), program, res.infra)
 
 
 def score(kind: str, completion: str, record: dict, sandbox: Optional[SandboxConfig] = None,

@@ -26,7 +26,8 @@ from rdistill.config import ConfigError, ExperimentConfig
 from rdistill.log import log
 from rdistill.pipeline import StageContext
 from rdistill.verify.dedup import ContaminationIndex, find_duplicates
-from rdistill.verify.rows import FUNNEL, NEAR_DUPLICATE, check_frame
+from rdistill.verify.rows import FUNNEL, INFRA, NEAR_DUPLICATE, check_frame
+from rdistill.verify.sandbox_check import SandboxUnavailable, check_sandbox
 
 ROWS_PER_BLOCK = 32  # a block is one Ray task; small blocks spread sandbox runs over the CPUs
 DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("domain", pa.string()),
@@ -109,8 +110,25 @@ def dataset_drops(meta: Any, cfg: ExperimentConfig) -> dict[str, tuple[str, str]
     return drop
 
 
+def check_infra(funnel: dict[str, dict[str, int]], reasons: dict[str, Counter]) -> None:
+    """Rows the verifier could not judge (sandbox or machine failures) are never silent: all of a
+    domain's checked rows failing that way stops the stage, some of them are logged loudly."""
+    for d, f in funnel.items():
+        n = reasons[d].get(INFRA, 0)
+        if not n:
+            continue
+        if n == f["decontaminated"]:
+            raise SandboxUnavailable(f"verify: all {n} samples of domain {d} failed in the code sandbox, not "
+                                     f"on their merits (see verify/dropped/{d}.parquet, reason "
+                                     f"{INFRA}): run `python -m rdistill.verify.sandbox PROGRAM.py` to see why")
+        log.warning("verify %s: %d of %d samples could not be judged (sandbox or busy machine: reason %s); "
+                    "they are left out, not counted as wrong", d, n, f["decontaminated"], INFRA)
+
+
 def run(ctx: StageContext) -> dict:
     from rdistill.topology import init_ray
+    if any(d.kind == "code" and d.require_correct for d in ctx.cfg.domains.values()):
+        check_sandbox(ctx.cfg.verify.sandbox, "verify")
     init_ray(ctx.cfg.ray)
     t0 = time.time()
     index = ContaminationIndex(eval_prompts(ctx), ctx.cfg.verify.decontam_ngram)
@@ -139,6 +157,7 @@ def run(ctx: StageContext) -> dict:
     funnel = {d: funnel_counts(reasons[d], n) for d, n in generated.items()}
     for d, f in funnel.items():
         log.info("verify %s: %s", d, " -> ".join(f"{k} {v}" for k, v in f.items()))
+    check_infra(funnel, reasons)
     rows = sum(generated.values())
     return {"funnel": funnel, "dropped": {d: dict(sorted(c.items())) for d, c in reasons.items()},
             "rows": rows, "kept": sum(f["kept"] for f in funnel.values()),
