@@ -42,8 +42,8 @@ def side_rdistill(rows: list[dict], a) -> dict:
     import ray
 
     from rdistill.config import RayConfig, SamplingConfig
-    from rdistill.generate.llm import generate
-    from rdistill.generate.spec import LLMSpec
+    from rdistill.llm.batch import generate
+    from rdistill.llm.spec import LLMSpec
     from rdistill.topology import init_ray
     init_ray(RayConfig(num_cpus=8))
     try:
@@ -64,7 +64,7 @@ def side_rdistill(rows: list[dict], a) -> dict:
 def side_vllm(rows: list[dict], a) -> dict:
     from vllm import LLM, SamplingParams
     t0 = time.time()
-    # The same engine settings the generate stage uses on CPUs (see rdistill.generate.llm).
+    # The same engine settings the generate stage uses on CPUs (see rdistill.llm.batch).
     llm = LLM(model=TEACHER, dtype="bfloat16", max_model_len=512, enforce_eager=True,
               enable_chunked_prefill=False)
     sps = [SamplingParams(temperature=0.6, top_p=0.95, max_tokens=a.max_tokens, seed=r["seed"]) for r in rows]

@@ -1,4 +1,6 @@
-"""Merge benchmark: rdistill's streaming Ray merge against mergekit's CLI, and the I/O floor.
+"""Merge benchmark: rdistill's streaming Ray merge against mergekit's CLI, and the I/O floor; then
+both command lines end to end as a user runs them (`jobs/merge.py` merges in its own threads when
+no cluster is given), alternating.
 
     .venv/bin/python benchmarks/bench_merge.py [--work DIR] [--size-gb 1.0] [--methods linear,ties,arcee_fusion]
 
@@ -104,24 +106,56 @@ def floor(plan: dict, out: Path) -> float:
     return wall
 
 
-def run_mergekit(plan: dict, work: Path, name: str) -> tuple[float, float]:
+def _timed(cmd: list[str], out: Path) -> tuple[float, float]:
+    """(wall s, peak MB) of a command as a user runs it: its own process, which for both CLIs
+    below does all the work (rdistill's in its threads when no cluster is given)."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+    wall = time.time() - t0
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}): {proc.stderr.read()[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return wall, usage.ru_maxrss / 1024
+
+
+def _plan_file(plan: dict, work: Path, name: str) -> Path:
     import yaml
     cfg = work / f"{name}.yml"
     cfg.write_text(yaml.safe_dump(plan))
-    out = work / f"mk_{name}"
-    shutil.rmtree(out, ignore_errors=True)
+    return cfg
+
+
+def run_mergekit(plan: dict, work: Path, name: str) -> tuple[float, float]:
     exe = Path(sys.executable).parent / "mergekit-yaml"
-    t0 = time.time()
-    proc = subprocess.Popen([str(exe), str(cfg), str(out), "--no-write-model-card", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"mergekit-yaml failed on {cfg} (exit {proc.returncode})")
-    wall = time.time() - t0
-    peak = usage.ru_maxrss / 1024
-    shutil.rmtree(out, ignore_errors=True)
-    return wall, peak
+    out = work / f"mk_{name}"
+    return _timed([str(exe), str(_plan_file(plan, work, name)), str(out), "--no-write-model-card", "--quiet"], out)
+
+
+def run_cli(plan: dict, work: Path, name: str) -> tuple[float, float]:
+    out = work / f"cli_{name}"
+    return _timed([sys.executable, str(REPO / "jobs" / "merge.py"), str(_plan_file(plan, work, name)), str(out)], out)
+
+
+def cli_table(models: dict, work: Path, methods: list[str], repeats: int) -> None:
+    """The drop-in as a user sees it: `jobs/merge.py CFG OUT` against `mergekit-yaml CFG OUT`,
+    alternating, whole processes timed (start-up included), medians of `repeats` each."""
+    import statistics
+    print("\nCLI end to end (alternating runs, medians):")
+    print("| method | mergekit-yaml s | jobs/merge.py s | speed-up | mergekit peak GB | rdistill peak GB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name in methods:
+        plan = plans(models)[name]
+        mk, rd = [], []
+        for _ in range(repeats):
+            mk.append(run_mergekit(plan, work, name))
+            rd.append(run_cli(plan, work, name))
+        mkw, rdw = statistics.median(w for w, _ in mk), statistics.median(w for w, _ in rd)
+        mkp, rdp = statistics.median(p for _, p in mk), statistics.median(p for _, p in rd)
+        print(f"| {name} | {mkw:.1f} | {rdw:.1f} | {mkw / rdw:.1f}x | {mkp / 1024:.2f} | {rdp / 1024:.2f} "
+              f"| {rdp / mkp:.2f} |", flush=True)
 
 
 def rss_mb() -> float:
@@ -136,6 +170,7 @@ def main() -> None:
     ap.add_argument("--methods", default="linear,ties,arcee_fusion")
     ap.add_argument("--tasks", type=int, default=os.cpu_count())
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--cli-repeats", type=int, default=3, help="alternating runs of each CLI (0: skip)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -179,6 +214,8 @@ def main() -> None:
               f"| {mkp / 1024:.2f} | {rdp / 1024:.2f} | {rdp / mkp:.2f} |")
     print(f"\nmodel size {size / 1e9:.2f} GB; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
           f"Ray start-up (not in rdistill s): {', '.join(f'{r[7]:.1f}s' for r in rows)}")
+    if a.cli_repeats:
+        cli_table(models, work, a.methods.split(","), a.cli_repeats)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

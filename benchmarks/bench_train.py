@@ -13,6 +13,12 @@ Then the framework's overhead: the same packed rows trained for --steps steps by
 `train_sft` on one Ray Train worker (DeepSpeed ZeRO-2, 1 CPU) and by a plain PyTorch loop in this
 process (torch AdamW, same model, batches, forward and loss, 1 thread like the worker), alternating
 --repeats times; the ratio of median step times (warm-up steps excluded).
+
+First, one line on the loss's memory: the peak memory of one forward+backward of the loss over a
+152k vocabulary (Qwen's) for --loss-tokens tokens, with the full [tokens, vocab] logits
+(train.loss_chunk_tokens=0) and with the chunked loss, side by side; each variant runs in a fresh
+process (peak RSS over the RSS before the step on CPUs, max_memory_allocated on GPUs).
+`--loss-memory-only` stops after it.
 """
 
 from __future__ import annotations
@@ -58,7 +64,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="steps per overhead run")
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the step-time median")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--loss-tokens", type=int, default=2048, help="tokens of the loss-memory line")
+    ap.add_argument("--loss-chunks", default="512,4096", help="chunk sizes of the loss-memory line")
+    ap.add_argument("--loss-memory-only", action="store_true")
     args = ap.parse_args()
+
+    mem = {c: loss_peak_memory(args.loss_tokens, c) for c in [0] + [int(x) for x in args.loss_chunks.split(",")]}
+    print(f"\nloss memory, vocab {VOCAB}, {args.loss_tokens} tokens, hidden {LOSS_HIDDEN}, fp32: full logits "
+          f"{mem[0] / 2**30:.2f} GiB peak; " + "; ".join(f"chunked ({c} tokens) {m / 2**30:.2f} GiB "
+                                                      f"({mem[0] / m:.1f}x less)" for c, m in mem.items() if c),
+          flush=True)
+    if args.loss_memory_only:
+        return
 
     import ray
 
@@ -95,7 +112,7 @@ def main() -> None:
             train_sft(model, [str(sft)], str(tmp / name), cfg, name=name, storage_dir=str(tmp / "store"))
             prog = [json.loads(l) for l in (tmp / "store" / f"{name}-progress.jsonl").read_text().splitlines()]
             ray_t = statistics.median(r["step_time_s"] for r in prog[args.warmup:])
-            plain_t = statistics.median(plain_loop(model, tmp / "store" / f"{name}-rows.npz", cfg)[args.warmup:])
+            plain_t = statistics.median(plain_loop(model, tmp / "store" / f"{name}-rows", cfg)[args.warmup:])
             overhead.append({"ray_step_s": ray_t, "plain_step_s": plain_t})
             print(f"overhead repeat {rep + 1}: Ray Train + DeepSpeed {ray_t * 1e3:.1f} ms/step, "
                   f"plain loop {plain_t * 1e3:.1f} ms/step", flush=True)
@@ -117,6 +134,55 @@ def main() -> None:
     print(f"| Ray Train + DeepSpeed ZeRO-{args.zero}, 1 worker | {r_med * 1e3:.1f} |")
     print(f"| plain PyTorch loop | {p_med * 1e3:.1f} |")
     print(f"\noverhead per step: {r_med / p_med:.2f}x (goal <= 1.3x)")
+
+
+VOCAB, LOSS_HIDDEN = 151936, 256  # Qwen2's vocabulary; a small hidden size keeps the model cheap
+
+
+def loss_peak_memory(tokens: int, chunk: int) -> int:
+    """Peak bytes of one loss forward+backward (chunk 0: full logits), in a fresh process."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_loss_peak_child, args=(tokens, chunk, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def _rss() -> int:
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _loss_peak_child(tokens: int, chunk: int, q) -> None:
+    import resource
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rdistill.train.forward import token_losses
+    gpu = torch.cuda.is_available()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=LOSS_HIDDEN, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=False,
+                      max_position_embeddings=max(tokens, 1024), attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg).to("cuda" if gpu else "cpu")
+    ids = torch.randint(0, VOCAB, (1, tokens))
+    batch = {"input_ids": ids, "position_ids": torch.arange(tokens)[None], "targets": ids.roll(-1, 1)}
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss()
+    token_losses(model, batch, chunk).sum().backward()
+    if gpu:
+        torch.cuda.synchronize()
+        q.put(torch.cuda.max_memory_allocated() - base)
+    else:
+        q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
 
 
 def plain_loop(model_dir: str, data_file: Path, cfg) -> list[float]:

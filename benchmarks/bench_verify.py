@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "jobs")]
 
-from compose import load  # noqa: E402  (the Hydra composition of conf/, as jobs/run.py uses)
+from rdistill.cli.compose import load  # noqa: E402  (the Hydra composition of conf/, as jobs/run.py uses)
 from rdistill.config import SandboxConfig  # noqa: E402
 from rdistill.rundir import RunDir, write_json_atomic  # noqa: E402
 
@@ -77,7 +77,7 @@ def synthetic_run(root: Path, n_prompts: int, seed: int = 0) -> None:
 def sandbox_rate(n: int, workers: int) -> float:
     """Programs/s of the toy code domain's tests through the sandbox, `workers` at a time."""
     from rdistill.toy.domains import problems
-    from rdistill.verify.sandbox import run_program
+    from rdistill.scoring.sandbox import run_program
     progs = [f"{p.gold}\n{p.tests}\n" for _, p in zip(range(n), problems("code", "train", 0))]
     t0 = time.time()
     with cf.ThreadPoolExecutor(workers) as ex:
@@ -109,11 +109,11 @@ def main() -> None:
         res = pipeline.run_stage(cfg, RunDir(cfg.run_dir), "verify")["result"]
         wall = time.time() - t0
         ray.shutdown()
-    steps = list(next(iter(res["funnel"].values())))
+    steps = [s for s, _ in next(iter(res["funnel"].values()))]
     print("| domain | " + " | ".join(steps) + " |")
     print("|---" * (len(steps) + 1) + "|")
     for d, f in res["funnel"].items():
-        print(f"| {d} | " + " | ".join(str(f[s]) for s in steps) + " |")
+        print(f"| {d} | " + " | ".join(str(n) for _, n in f) + " |")
     print("dropped:", json.dumps(res["dropped"]))
     print(f"verify stage: {res['rows']} rows in {wall:.1f} s = {res['rows'] / wall:.1f} rows/s "
           f"(stage-internal {res['rows_per_s']} rows/s)")

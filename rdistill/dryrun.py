@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from rdistill.config import ExperimentConfig, branch_train_config
-from rdistill.estimates import estimate
+from rdistill.estimates import data_plan, estimate
 from rdistill.pipeline import status
 from rdistill.rundir import RunDir
 from rdistill.topology import fits, local_num_cpus, plan
@@ -42,6 +42,8 @@ def format_plan(cfg: ExperimentConfig, where: str, have: dict) -> list[str]:
                                                    if k in ("CPU", "GPU", "memory") or v)]
     problems = []
     for p in plan(cfg):
+        if p.stage == "generate" and cfg.teacher.backend == "dataset":
+            p.notes = [f"no model runs: existing {cfg.teacher.name} traces are imported (see data: below)"]
         need = ", ".join(f"{k}={v:g}" for k, v in p.resources.items())
         lines.append(f"  [{p.stage}] {st.get(p.stage, '')}; asks for {need}")
         lines += [f"      {n}" for n in p.notes]
@@ -55,6 +57,7 @@ def format_plan(cfg: ExperimentConfig, where: str, have: dict) -> list[str]:
         tc = branch_train_config(cfg, d)
         lines.append(f"  train {d}: epochs={tc.epochs} lr={tc.lr} scheduler={tc.scheduler} "
                      f"grad_accum={tc.grad_accum} packing={tc.packing}")
+    lines += data_plan(cfg)
     lines += estimate(cfg)
     if problems:
         lines.append("does not fit " + where + ":")

@@ -101,16 +101,6 @@ def check_merge_inputs(cfg: ExperimentConfig, run: RunDir, base_path: str) -> No
                         f"but the student base is {want[0]} with vocab {want[1]}: merge models of one family")
 
 
-def check_teacher_format(completions: list[str]) -> None:
-    """Probe answers of the teacher follow `<think> ... </think>` then an answer, as verify expects."""
-    bad = [c for c in completions if "</think>" not in c]
-    if completions and len(bad) == len(completions):
-        sample = bad[0][:80].replace("\n", " ")
-        raise PreflightError(f"none of {len(completions)} probe answers of the teacher close a </think> block "
-                             f"(first: {sample!r}): the verify stage would drop every sample; check the "
-                             "teacher's chat template or reasoning output (e.g. an API returning reasoning separately)")
-
-
 def check_model(ref: str, path: str, what: str) -> None:
     """A model reference names a model that exists: a local directory with a config.json, or a
     Hugging Face id whose config loads (from the cache or the hub)."""
@@ -143,26 +133,48 @@ def check_endpoint(base_url: str, key: str | None, what: str = "teacher.base_url
                              "variable teacher.api_key_env names")
 
 
+def check_data_sources(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None:
+    """The teacher and the domains' traces agree (generate), and, when verify, evaluate or merge
+    will run, every dev and test set loads with its expected size and no dev prompt equals or
+    overlaps a test prompt (a dev set inside the test set picks merges on test). Toy files the
+    run has not built yet are skipped."""
+    from rdistill.prompts.traces import check_teacher_sources
+    if "generate" in to_run:
+        check_teacher_sources(cfg)
+    if not {"verify", "evaluate", "merge"} & set(to_run):
+        return
+    from rdistill.prompts.evalsets import check_dev_test
+    from rdistill.refs import resolve_source_path
+
+    def not_built(src) -> bool:
+        return bool(src.path) and src.path.startswith("toy:") and (
+            "toy" in to_run or not Path(resolve_source_path(src.path, run)).exists())
+    check_dev_test(cfg, lambda p: resolve_source_path(p, run), skip=not_built)
+
+
 def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None:
     """The checks that apply to the stages about to run (the toy stage builds its own models)."""
     from rdistill.estimates import disk_bytes
     check_run_dir(run, disk_bytes(cfg) if "generate" in to_run or "train" in to_run else 0.0)
+    from rdistill.tracking import check_tracking
+    check_tracking(cfg)  # only with tracking.required=true: the server answers, the credentials work
     toy_now = "toy" in to_run
     if "generate" in to_run:
         t = cfg.teacher
         if t.backend == "vllm" and not (t.model.startswith("toy:") and toy_now):
             check_model(t.model, resolve_model(t.model, run), "teacher.model")
         elif t.backend == "openai" and t.base_url:
-            from rdistill.generate.llm import api_key
-            from rdistill.generate.spec import LLMSpec
+            from rdistill.llm.batch import api_key
+            from rdistill.llm.spec import LLMSpec
             check_endpoint(t.base_url, api_key(LLMSpec(model=t.model, backend="openai",
                                                        api_key_env=t.api_key_env)))
+    check_data_sources(cfg, run, to_run)
     scores_code = any(d.kind == "code" and (d.require_correct or "evaluate" in to_run)
                       for d in cfg.domains.values())
     if scores_code and ("verify" in to_run or "evaluate" in to_run):
         # Before any teacher token is spent: a sandbox that cannot run programs marks every
         # code answer wrong.
-        from rdistill.verify.sandbox_check import check_sandbox
+        from rdistill.scoring.sandbox_check import check_sandbox
         check_sandbox(cfg.verify.sandbox, "preflight")
     if "train" in to_run or "merge" in to_run:
         if cfg.student.base.startswith("toy:") and "toy" in to_run:

@@ -6,6 +6,7 @@
 `branch:<domain>`           the branch student trained for that domain in this run
 `merge:<candidate>/<step>`  a merge step's output in this run (`merge:<candidate>` = its last step)
 `merged`                    the run's chosen merge (picked by the evaluate stage on dev, or the only one)
+`mixture`                   the data-mixture baseline (one student on every domain's SFT set)
 anything else               a local path, or a Hugging Face model id passed through unchanged
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from rdistill.config.fields import ConfigError
 from rdistill.rundir import RunDir
+
+MIXTURE = "mixture"  # the data-mixture baseline: train/mixture, and its model reference
 
 
 def resolve_model(ref: str, run: RunDir, student_base: str | None = None) -> str:
@@ -31,6 +34,8 @@ def resolve_model(ref: str, run: RunDir, student_base: str | None = None) -> str
         return str(run.stage_dir("toy") / "models" / name)
     if kind == "branch" and name:
         return str(run.stage_dir("train") / name)
+    if ref == MIXTURE:
+        return str(run.stage_dir("train") / MIXTURE)
     if kind == "merge" and name:
         cand, _, step = name.partition("/")
         root = run.stage_dir("merge") / cand
@@ -41,6 +46,16 @@ def resolve_model(ref: str, run: RunDir, student_base: str | None = None) -> str
     if path.exists() or ref.startswith((".", "/", "~")):
         return str(path.absolute())
     return ref  # a Hugging Face model id
+
+
+def toy_inputs(cfg) -> list[str]:
+    """["toy"] when the config uses the toy world (a toy: model or source), else []: the toy
+    stage is then an input like any other stage."""
+    refs = [cfg.teacher.model, cfg.student.base, getattr(cfg.teacher, "tokenizer", None) or ""]
+    for d in cfg.domains.values():
+        srcs = [d.train, d.dev, d.test, *d.extra_train, *getattr(d, "extra_test", [])]
+        refs += [s.path or "" for s in srcs if s is not None]
+    return ["toy"] if any(r.startswith("toy:") for r in refs) else []
 
 
 def resolve_source_path(path: str, run: RunDir) -> str:

@@ -66,10 +66,6 @@ class RunDir:
         m = self.manifest(stage)
         return m["fingerprint"] if m else None
 
-    def is_current(self, stage: str, config_hash: str, inputs: dict[str, str | None]) -> bool:
-        m = self.manifest(stage)
-        return bool(m) and m.get("config_hash") == config_hash and m.get("inputs") == inputs
-
     @contextmanager
     def building(self, stage: str) -> Iterator[Path]:
         """Yield a fresh temporary folder; on success it replaces `<run_dir>/<stage>`.
@@ -92,9 +88,3 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-
-    def invalidate(self, stage: str) -> None:
-        """Drop a stage's manifest so it (and everything after it) reruns."""
-        path = self.stage_dir(stage) / MANIFEST
-        if path.exists():
-            path.unlink()

@@ -139,6 +139,9 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
                 p.resources["CPU"] = p.resources.get("CPU", 0) + 3 * LIGHT_CPU
                 p.notes.append(f"{t.replicas} vLLM replica(s) of {t.model}, tp={t.tensor_parallel_size} "
                                f"pp={t.pipeline_parallel_size}")
+            elif t.backend == "dataset":
+                p.resources = {"CPU": 1}
+                p.notes.append("imports the teacher's traces from the domains' sources (no model runs)")
             else:
                 p.resources = {"CPU": 1 + LIGHT_CPU}
                 p.notes.append(f"HTTP teacher {t.model} at {t.base_url} (qps={t.qps})")
@@ -161,13 +164,13 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             p.resources = serve_resources(cfg.device, cfg.serve.min_replicas, cfg.serve.tensor_parallel_size)
             p.notes.append(f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s) of "
                            f"{cfg.serve.model}, tp={cfg.serve.tensor_parallel_size}, port {cfg.serve.port}")
-        elif stage in ("evaluate", "serve"):
+        elif stage == "evaluate":
             b = engine_placement(cfg.device, eval_tensor_parallel(cfg))["bundles"]
             p.resources = _sum(b)
-            n_models = 1 + len(cfg.domains) + len(cfg.merge.candidates) + int(cfg.eval.include_teacher)
-            p.notes.append(f"{n_models} models, one vLLM engine (tp={eval_tensor_parallel(cfg)}) each, "
-                           f"{cfg.eval.concurrency or 'as many as fit'} at once" if stage == "evaluate"
-                           else f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s)")
+            n_models = (1 + len(cfg.domains) + int(cfg.train.mixture_baseline) + len(cfg.merge.names())
+                        + int(cfg.eval.include_teacher))
+            p.notes.append(f"{n_models} models on {cfg.eval.concurrency or 'as many as fit'} warm vLLM "
+                           f"engine(s) (tp={eval_tensor_parallel(cfg)}), weights reloaded between models")
         elif stage in ("merge", "verify"):
             p.resources = {"CPU": 1}
             p.notes.append("tasks spread over every free CPU")

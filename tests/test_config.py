@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from compose import load
+from rdistill.cli.compose import load
 from rdistill.config import ConfigError, ExperimentConfig, branch_train_config, validated
 
 from conftest import REPO
@@ -92,19 +92,26 @@ def test_every_preset_composes_and_validates(overrides):
     assert cfg.domains and cfg.merge.candidates
 
 
-def test_toy_candidates_puts_ties_over_the_base_beside_the_fusion_chain():
-    cfg = load(["merge=toy_candidates"])
-    fusion, ties = cfg.merge.candidates
-    assert (fusion.name, ties.name) == ("fusion", "ties")
-    (step,) = ties.steps
-    assert step.merge_method == "ties" and step.base_model == "base"
-    assert [m.model for m in step.models] == ["branch:math", "branch:code", "branch:science"]
+def test_toy_merge_puts_task_vector_merges_and_a_search_beside_the_fusion_chain():
+    cfg = load([])
+    assert [c.name for c in cfg.merge.candidates] == ["fusion", "task_arithmetic", "ties", "dare_ties"]
+    assert cfg.merge.names()[-1] == "search" and cfg.merge.search.enabled
+    for cand in cfg.merge.candidates[1:]:
+        (step,) = cand.steps
+        assert step.base_model == "base"
+        assert [m.model for m in step.models] == ["branch:math", "branch:code", "branch:science"]
+    with pytest.raises(ConfigError, match="objective=weighted needs a positive weight"):
+        load(["merge.objective=weighted"])
+    assert load(["merge.objective=weighted", "+merge.domain_weights.math=2"]).merge.domain_weights == {"math": 2.0}
 
 
 def test_reference_preset_matches_the_recipe():
     cfg = load(["experiment=tinyr1_32b"])
     assert cfg.student.base == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
-    assert cfg.teacher.backend == "openai" and cfg.teacher.api_key_env == "DEEPSEEK_API_KEY"
+    # as the paper did: the public R1 traces are imported; regenerating is one override away
+    assert cfg.teacher.backend == "dataset"
+    api = load(["experiment=tinyr1_32b", "teacher=deepseek_r1_api"]).teacher
+    assert api.backend == "openai" and api.api_key_env == "DEEPSEEK_API_KEY"
     assert cfg.domains["math"].train.hf_name == "open-r1/OpenR1-Math-220k"
     got = {d: (branch_train_config(cfg, d).epochs, branch_train_config(cfg, d).scheduler,
                branch_train_config(cfg, d).grad_accum) for d in cfg.domains}
@@ -131,3 +138,21 @@ def test_dry_run_of_the_32b_preset_lists_resources_and_what_does_not_fit(tmp_pat
     assert "teacher tokens: at most" in out and "32.80B parameters" in out
     assert "does not fit this machine" in out and "train: GPU: needs 32, cluster has 0" in out
     assert "[evaluate] no manifest; asks for GPU=4" in out  # a 32B engine on 4 GPUs (KV-cache room)
+
+
+def test_the_rdistill_command_documents_every_group():
+    """The console script (pyproject [project.scripts]) as installed by jobs/setup.sh."""
+    from pathlib import Path
+    exe = str(Path(sys.executable).parent / "rdistill")
+    p = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "rdistill run" in p.stdout and "rdistill merge" in p.stdout
+    p = subprocess.run([exe, "run", "--help", "merge"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "merge.objective  (str, default 'mean'; one of mean, min, weighted)" in p.stdout
+    assert "How domain scores combine when choosing a merge" in p.stdout  # the field's docstring
+    p = subprocess.run([exe, "run", "--help", "domains.math"], capture_output=True, text=True, timeout=120)
+    assert "domains.math.require_correct  (bool, default True)" in p.stdout
+    p = subprocess.run([exe, "run", "--help", "train.lr"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: train.lr: lr is a value")
+    p = subprocess.run([exe, "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown command 'frobnicate'" in p.stderr

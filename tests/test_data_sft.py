@@ -137,3 +137,18 @@ def test_packed_batches_give_the_same_per_sample_loss_as_unpacked(student, tmp_p
     with torch.no_grad():
         leaky = token_losses(model, batch).sum().item()
     assert abs(leaky - sum(alone)) > 1e-3 * sum(alone)
+
+
+def test_prepare_data_writes_memory_mapped_rows_and_old_npz_files_still_read(student, tmp_path):
+    import numpy as np
+    d, tok, _ = student
+    info = prepare_data(str(d), [str(write_sft(tmp_path / "s.jsonl", 10))], TrainConfig(max_len=256), tmp_path / "rows")
+    pr = PackedRows(tmp_path / "rows")
+    assert len(pr) == info["rows"] and isinstance(pr.ids, np.memmap)
+    assert int(pr.offsets[-1]) == info["tokens"]
+    # A rows file of an older run (one .npz) reads the same.
+    np.savez(tmp_path / "old.npz", ids=np.asarray(pr.ids), targets=np.asarray(pr.targets),
+             positions=np.asarray(pr.positions), offsets=pr.offsets)
+    old = PackedRows(tmp_path / "old.npz")
+    a, b = old.batch([0, 1], tok.pad_token_id), pr.batch([0, 1], tok.pad_token_id)
+    assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "position_ids", "targets"))

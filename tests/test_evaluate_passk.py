@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from rdistill.evaluate.passk import (aggregate, mean_and_stderr, objective_score, pass_at_k,
+from rdistill.scoring.passk import (aggregate, mean_and_stderr, objective_score, pass_at_k,
                                      select_candidate)
 
 
@@ -73,7 +73,7 @@ def test_selection_by_mean_or_min():
 
 
 def test_eval_concurrency_follows_cluster_and_cap():
-    from compose import load
+    from rdistill.cli.compose import load
     from rdistill.topology import eval_concurrency
     cfg = load([])
     assert cfg.eval.concurrency == 2  # the toy default: two engines on a laptop
@@ -90,8 +90,8 @@ def test_run_at_most_bounds_concurrency_keeps_order_and_raises():
     import threading
     import time
 
-    from rdistill.evaluate.stage import run_at_most
-    live, peak, lock = [0], [0], threading.Lock()
+    from rdistill.parallel import run_at_most
+    live, peak, lock, ran = [0], [0], threading.Lock(), []
 
     def job(i):
         with lock:
@@ -100,12 +100,20 @@ def test_run_at_most_bounds_concurrency_keeps_order_and_raises():
         time.sleep(0.05)
         with lock:
             live[0] -= 1
+        ran.append(i)
         return i * i
 
-    assert run_at_most(2, [(job, (i,)) for i in range(6)]) == [0, 1, 4, 9, 16, 25]
+    assert run_at_most(2, [lambda i=i: job(i) for i in range(6)]) == [0, 1, 4, 9, 16, 25]
     assert peak[0] == 2
 
     def bad():
+        time.sleep(0.01)
         raise RuntimeError("engine failed")
-    with pytest.raises(RuntimeError, match="engine failed"):
-        run_at_most(2, [(job, (1,)), (bad, ()), (job, (2,))])
+    ran.clear()
+    with pytest.raises(RuntimeError, match="engine failed"):  # fail fast: no job starts after it
+        run_at_most(1, [lambda: job(1), bad, lambda: job(2)])
+    assert ran == [1]
+    ran.clear()
+    with pytest.raises(RuntimeError, match="engine failed"):  # every job runs, then the error
+        run_at_most(1, [lambda: job(1), bad, lambda: job(2)], fail_fast=False)
+    assert ran == [1, 2]

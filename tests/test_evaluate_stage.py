@@ -13,7 +13,7 @@ import pytest
 
 from fake_openai_server import FakeOpenAI
 from rdistill.config import to_dict, validated
-from rdistill.evaluate.rows import prompt_records, sample_rows
+from rdistill.prompts.eval_rows import prompt_records, sample_rows
 from rdistill.evaluate.stage import dev_selection
 from rdistill.rundir import RunDir, write_json_atomic
 
@@ -72,7 +72,7 @@ def prompt_files(tmp_path):
 
 
 def test_rows_match_generate_prompts_and_per_domain_samples(prompt_files):
-    from rdistill.generate.sources import chat_messages
+    from rdistill.prompts.sources import chat_messages
     cfg = _cfg(prompt_files)
     recs = prompt_records(cfg, "math", "test", str)
     assert [r["id"] for r in recs] == ["q0", "q1", "q2", "q3", "q4"]  # eval.max_prompts=5 of 6
@@ -117,11 +117,14 @@ def test_evaluate_and_report_stages_end_to_end(prompt_files, ray_cluster):
     for stage in ("train", "merge", "generate", "verify"):
         write_json_atomic(run.stage_dir(stage) / "manifest.json", {"fingerprint": stage, "result": {}})
     with FakeOpenAI() as teacher:
-        # one domain keeps it to four engine starts (base, branch, two candidates), two at a time
+        # one domain, four student models (base, branch, two candidates) on two engines
         cfg = _cfg(tmp, teacher.url, domains=("math",))
         write_json_atomic(run.root / "config.json", to_dict(cfg))  # as run_pipeline does
-        run_stage(cfg, run, "evaluate")
+        manifest = run_stage(cfg, run, "evaluate")
     out = run.stage_dir("evaluate")
+    # warm engines: four student models of one family on two engines, weights reloaded in between
+    res = manifest["result"]
+    assert res["engine_starts"] == 2 and res["weight_reloads"] == 2, res
     results = json.loads((out / "results.json").read_text())
     samples = pd.read_parquet(out / "samples.parquet")
 
@@ -180,7 +183,7 @@ def test_targets_every_model_of_the_run_and_missing_models(prompt_files, tmp_pat
 
 
 def test_score_rows_uses_the_verifiers_and_counts_cut_or_failed_samples_wrong():
-    from rdistill.evaluate.scoring import score_rows
+    from rdistill.scoring.verifiers import score_rows
     base = {"kind": "math", "language": "python", "gold": "42", "tests": None, "entry_point": None,
             "error": None, "finish_reason": "stop"}
     rows = [dict(base, completion="<think>40+2</think> The answer is \\boxed{42}."),

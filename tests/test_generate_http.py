@@ -26,6 +26,15 @@ REPO = Path(__file__).resolve().parent.parent
 KEY_ENV = "RDISTILL_TEST_API_KEY"
 
 
+@pytest.fixture(autouse=True)
+def _listen_backlog(monkeypatch):
+    """The standard library server's listen backlog of 5 makes a burst of connects (the HTTP
+    teacher opens up to max_in_flight at once) wait a second for a SYN retry, longer than the
+    1 s request timeout these tests use."""
+    import fake_openai_server
+    monkeypatch.setattr(fake_openai_server.ThreadingHTTPServer, "request_queue_size", 1024)
+
+
 def _teacher(url: str, **kw) -> dict:
     return {"backend": "openai", "name": "fake-r1", "model": "fake-r1", "base_url": url,
             "api_key_env": KEY_ENV, "max_retries": 3, "retry_wait_s": 0.05, "timeout_s": 1.0,
@@ -150,3 +159,36 @@ def test_sigkill_mid_run_then_resume_each_row_exactly_once(tmp_path, ray_cluster
     print(f"\nkill/resume: {len(committed)}/{n_prompts} rows committed before SIGKILL, "
           f"{first_run_requests} requests before the kill, {sum(rerun_requests.values())} after; "
           f"{first_run_requests + sum(rerun_requests.values()) - n_prompts} rows paid twice")
+
+
+class CountingOpenAI(FakeOpenAI):
+    """The fake endpoint holding every answer `hold_s` seconds and counting the requests open at once."""
+
+    def __init__(self, hold_s: float, **kw):
+        super().__init__(**kw)
+        self.hold_s, self.open_now, self.peak = hold_s, 0, 0
+
+    def _fault_for(self, user: str):
+        with self._lock:
+            self.open_now += 1
+            self.peak = max(self.peak, self.open_now)
+        time.sleep(self.hold_s)
+        with self._lock:
+            self.open_now -= 1
+        return super()._fault_for(user)
+
+
+@pytest.mark.slow
+def test_hundreds_of_requests_in_flight_bounded_by_max_in_flight(tmp_path, ray_cluster, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    n_prompts, cap = 400, 200
+    p = write_prompts(tmp_path / "math.jsonl", n_prompts)
+    with CountingOpenAI(hold_s=2.0, api_key="sk-test") as srv:
+        cfg = config(tmp_path / "run", {"math": p}, _teacher(srv.url, batch_size=8, max_in_flight=cap, timeout_s=30.0),
+                     sampling={"n": 1, "max_tokens": 64}, block_rows=8, probe_prompts=0)
+        t0 = time.time()
+        m = run_stage(cfg, RunDir(cfg.run_dir), "generate")["result"]
+        wall = time.time() - t0
+    assert m["rows"] == n_prompts and m["error_rows"] == 0
+    print(f"\npeak requests in flight: {srv.peak} (max_in_flight={cap}), {n_prompts} rows in {wall:.1f}s")
+    assert 64 < srv.peak <= cap  # far above the 16 of one batch per actor, never above the cap

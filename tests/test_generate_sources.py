@@ -10,9 +10,9 @@ import pytest
 
 from gen_helpers import write_prompts
 from rdistill.config import SourceConfig
-from rdistill.generate.http import parse_completion
-from rdistill.generate.llm import expand_samples, sample_seed
-from rdistill.generate.sources import BadRecordError, load_records, screen_records
+from rdistill.llm.http import parse_completion
+from rdistill.llm.batch import expand_samples, sample_seed
+from rdistill.prompts.sources import BadRecordError, load_records, screen_records
 
 BAD = [{"id": "no-prompt"}, {"id": "blank", "prompt": "   "}, {"prompt": "no id here", "id": None},
        {"id": "math-1", "prompt": "duplicate id"}, "{not json", {"id": "long", "prompt": "x " * 300}]

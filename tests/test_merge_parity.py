@@ -101,6 +101,9 @@ def compare(ours_dir: Path, theirs_dir: Path, base_dir: Path) -> dict:
 def test_parity_with_mergekit(ray_cluster, models, tmp_path, method):
     plan = plans(models)[method]
     ours = merge(plan, tmp_path / "ours", log=lambda s: None)
+    # the same merge in this process's threads (the CLI without a cluster) is bit for bit the same
+    threads = merge(plan, tmp_path / "threads", in_process=True, log=lambda s: None)
+    assert compare(threads, ours, models["base"])["max_abs"] == 0.0
     d = compare(ours, mergekit(plan, tmp_path / "mergekit"), models["base"])
     DIFFS[method] = d
     print(f"\nparity {method}: {json.dumps({k: round(v, 6) for k, v in d.items()})}")
@@ -175,6 +178,13 @@ def test_cli_is_a_drop_in_for_mergekit_yaml(ray_cluster, models, tmp_path):
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     theirs = load_file(mergekit(plans(models)["ties_fp32"], tmp_path / "mk") / "model.safetensors")
     assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    # without a cluster the CLI merges in its own threads: no Ray, same result
+    alone = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(cmd[:3] + [str(tmp_path / "alone")] + cmd[4:], env=alone, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "Started a local Ray instance" not in r.stderr, r.stderr[-2000:]
+    mine = AutoModelForCausalLM.from_pretrained(tmp_path / "alone").state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in theirs.items())
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: ties\nmodels: [{model: /nowhere}]\n")
     r = subprocess.run(cmd[:2] + [str(bad), str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
@@ -192,7 +202,7 @@ def test_zz_print_parity_table():
 def test_merge_stage_runs_candidates_and_selects_the_first(ray_cluster, models, tmp_path):
     import shutil
 
-    from compose import load
+    from rdistill.cli.compose import load
     from rdistill import pipeline
     from rdistill.config import MergeCandidateConfig, MergeModelConfig, MergeStepConfig
     from rdistill.refs import resolve_model

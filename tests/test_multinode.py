@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from compose import load
+from rdistill.cli.compose import load
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,6 @@ def test_pipeline_spreads_over_a_simulated_multi_node_cluster(cluster, tmp_path)
     run = tmp_path / "run"
     funnel = json.loads((run / "verify" / "manifest.json").read_text())["result"]["funnel"]
     for d in ("math", "code", "science"):
-        assert funnel[d]["generated"] == 24
+        assert dict(funnel[d])["generated"] == 24
         assert list((run / "train" / d).glob("*.safetensors"))
     assert list((run / "merge" / "fusion" / "final").glob("*.safetensors"))

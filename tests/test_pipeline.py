@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compose import load
+from rdistill.cli.compose import load
 from rdistill import pipeline
 from rdistill.rundir import RunDir
 
@@ -83,3 +83,29 @@ def test_missing_upstream_output_is_one_clear_error(tmp_path, fake_stages):
     cfg = load(["stages=[verify]", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="add generate to stages"):
         pipeline.run_pipeline(cfg)
+
+
+def test_a_setting_a_stage_reads_is_in_its_cache_key():
+    """Keys come from the stages' declarations: a new domain setting (or a new field of a section
+    a stage reads) changes the key of every stage that reads it, with no list to update."""
+    import dataclasses
+
+    from rdistill.config import DomainConfig, TrainConfig
+    cfg = load([])
+    keys = {s: pipeline.config_key(cfg, s) for s in pipeline.SPECS}
+
+    def changed(c):
+        return {s for s in pipeline.SPECS if pipeline.config_key(c, s) != keys[s]}
+    NewDomain = dataclasses.make_dataclass("NewDomain", [("new_setting", float, dataclasses.field(default=1.0))],
+                                           bases=(DomainConfig,))
+    c = dataclasses.replace(cfg, domains={n: NewDomain(**vars(d), new_setting=2.0) for n, d in cfg.domains.items()})
+    readers = {s for s, spec in pipeline.SPECS.items() if spec.domains_ignored is not None}
+    assert changed(c) == readers and {"generate", "verify", "train", "evaluate"} <= readers
+    NewTrain = dataclasses.make_dataclass("NewTrain", [("new_knob", int, dataclasses.field(default=0))],
+                                          bases=(TrainConfig,))
+    assert changed(dataclasses.replace(cfg, train=NewTrain(**vars(cfg.train), new_knob=3))) == {"train"}
+    # what the issue found missing: evaluate reads dom.language
+    code = dataclasses.replace(cfg.domains["code"], language="python3")
+    assert "evaluate" in changed(dataclasses.replace(cfg, domains={**cfg.domains, "code": code}))
+    # evaluation settings do not rerun training or generation
+    assert changed(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_prompts=5))) == {"evaluate", "merge"}

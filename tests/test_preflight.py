@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from compose import load
+from rdistill.cli.compose import load
 from rdistill.preflight import (PreflightError, check_merge_inputs, check_run_dir,
-                                check_student_tokenizer, check_teacher_format)
+                                check_student_tokenizer)
 from rdistill.rundir import RunDir
 from rdistill.toy.model import tiny_test_model
 
@@ -135,7 +135,9 @@ def test_merge_inputs_share_architecture_and_vocab(tiny, tmp_path):
 
 
 def test_teacher_format_probe():
-    check_teacher_format(["<think>a</think> The answer is \\boxed{1}.", "no think"])
-    with pytest.raises(PreflightError) as e:
-        check_teacher_format(["The answer is 1.", "Sure! 2"])
-    assert "close a </think> block" in _one_line(e)
+    from rdistill.generate.stage import GenerationError, check_probe_answers
+    assert check_probe_answers([{"completion": "<think>a</think> The answer is \\boxed{1}."},
+                                {"completion": "no think"}]) == 1
+    with pytest.raises(GenerationError) as e:
+        check_probe_answers([{"completion": "The answer is 1."}, {"completion": "Sure! 2"}])
+    assert "no <think>...</think> reasoning" in _one_line(e)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from rdistill.report.stage import build_report, table_from_report
-from rdistill.report.table import build_table, gain_kept, to_markdown, to_text
+from rdistill.report.table import build_table, to_markdown, to_text
+from rdistill.report.verdict import method_verdict
 
 REPO = Path(__file__).resolve().parent.parent
 DOMS = ["math", "code", "science"]
@@ -45,7 +46,7 @@ def run_dir(tmp_path):
         "scores": {"fusion": {"domains": {"math": 0.7, "code": 0.5, "science": 0.6}, "objective": 0.6},
                    "ties": {"domains": {"math": 0.5, "code": 0.4, "science": 0.5}, "objective": 0.4667}}})
     dump("verify/manifest.json", {"result": {"funnel": {
-        d: {"generated": 400, "complete": 380, "format": 370, "correct": 300 + i, "dedup": 290 + i}
+        d: [["generated", 400], ["complete", 380], ["formatted", 370], ["correct", 300 + i], ["kept", 290 + i]]
         for i, d in enumerate(DOMS)}}})
     for i, d in enumerate(DOMS):
         rows = [{"messages": [], "completion_tokens": 20 + 5 * i + k % 7} for k in range(50)]
@@ -71,12 +72,31 @@ def test_table_marks_best_student_and_computes_mean():
     assert "80.0*" in text and "95.0*" not in text
 
 
-def test_gain_kept_against_hand_computation():
-    g = gain_kept(build_table(_results(), DOMS), "merge:fusion")
-    assert g["math"]["kept"] == pytest.approx((0.70 - 0.20) / (0.80 - 0.20))
-    assert g["code"]["kept"] == pytest.approx(0.40 / 0.50)
-    assert g["science"]["kept"] == pytest.approx(0.30 / 0.40)
-    assert all(x["beats_base"] for x in g.values())
+def test_method_verdict_against_hand_computation():
+    v = method_verdict(_results(), DOMS, "merge:fusion")
+    assert v.domains["math"]["kept"] == pytest.approx((0.70 - 0.20) / (0.80 - 0.20))
+    assert v.domains["code"]["kept"] == pytest.approx(0.40 / 0.50)
+    assert v.domains["science"]["kept"] == pytest.approx(0.30 / 0.40)
+    se = (0.03 ** 2 * 2) ** 0.5  # two rows' errors combined
+    assert v.domains["science"]["merge_z"] == pytest.approx(round(0.30 / se, 2))
+    assert v.means["merge:fusion"].value == pytest.approx(0.6)
+    assert v.means["merge:fusion"].se == pytest.approx((3 * 0.03 ** 2) ** 0.5 / 3)
+    claims = {c: ok for c, ok, _ in v.claims}
+    assert list(claims.values()) == [True, True, True, True] and v.held
+    # the same run with a merge that keeps too little of the code branch's gain: said plainly
+    worse = [dict(r, pass_at_1=0.12) if (r["model"], r["domain"]) == ("merge:fusion", "code") else r
+             for r in _results()]
+    w = method_verdict(worse, DOMS, "merge:fusion")
+    assert not w.held and [ok for _, ok, _ in w.claims] == [True, False, False, True]
+
+
+def test_verdict_compares_with_the_mixture_baseline():
+    from rdistill.report.verdict import mixture_line
+    res = _results() + [{"model": "mixture", "domain": d, "n_prompts": 100, "n_samples": 4,
+                         "pass_at_1": p, "stderr": 0.03} for d, p in zip(DOMS, [0.6, 0.45, 0.5])]
+    line = mixture_line(method_verdict(res, DOMS, "merge:fusion"))
+    assert "the merge's mean 60.0 is above the mixture's 51.7" in line
+    assert mixture_line(method_verdict(_results(), DOMS, "merge:fusion")).startswith("No data-mixture")
 
 
 def test_build_report_writes_markdown_and_loadable_plots(run_dir, tmp_path):
@@ -88,7 +108,10 @@ def test_build_report_writes_markdown_and_loadable_plots(run_dir, tmp_path):
     assert "| teacher (toy-teacher) | 95.0 | 90.0 | 92.0 |" in md
     assert "| ties | 50.0 | 40.0 | 50.0 | 46.7 |" in md  # every candidate's dev scores
     assert "| correct | 302 |" in md  # science funnel
-    assert "Merged beats the base on every domain: **yes**" in md
+    science = md.split("**science**")[1]
+    assert science.index("| generated |") < science.index("| complete |") < science.index("| kept |")  # pipeline order
+    assert "**The method held on this run.**" in md
+    assert res["method"]["held"] and len(res["method"]["claims"]) == 4
     assert res["plots"] == ["accuracy", "funnel", "loss", "sft_tokens"]
     for name in ("accuracy", "funnel", "loss", "sft_tokens"):
         assert f"]({name}.png)" in md
@@ -118,3 +141,30 @@ def test_notebook_shows_the_same_table(run_dir, tmp_path, monkeypatch, capsys):
     shown = capsys.readouterr().out
     assert to_text(ns["table"]) in shown
     assert ns["table"].value("merge:fusion", "mean") == pytest.approx(0.6)
+
+
+def test_report_shows_the_search_and_its_margin_over_the_fixed_recipes(run_dir, tmp_path):
+    res = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    res += [{"model": "merge:search", "domain": d, "n_prompts": 100, "n_samples": 4, "pass_at_1": p,
+             "stderr": 0.03, "n_errors": 0} for d, p in zip(DOMS, [0.72, 0.55, 0.62])]
+    (run_dir / "evaluate" / "results.json").write_text(json.dumps(res))
+    sel = json.loads((run_dir / "evaluate" / "selection.json").read_text())
+    sel["scores"]["search"] = {"domains": {"math": 0.75, "code": 0.55, "science": 0.6}, "objective": 0.6333}
+    sel.update(candidate="search", path="merge/search/final")
+    (run_dir / "evaluate" / "selection.json").write_text(json.dumps(sel))
+    cand = lambda name, label, obj: {"name": name, "label": label, "steps": [], "out_at_rung": None,  # noqa: E731
+                                     "dev": {}, "objective": obj}
+    (run_dir / "merge").mkdir()
+    (run_dir / "merge" / "search.json").write_text(json.dumps({
+        "chosen": "c03", "label": "task_arithmetic w=0.7/0.85/1", "objective": "mean", "engine_starts": 2,
+        "seconds": 100, "rungs": [{"dev_prompts_per_domain": 10, "candidates": 2}, {"dev_prompts_per_domain": 30, "candidates": 1}],
+        "candidates": [cand("c00", "linear (equal weights)", {"10": 0.4}),
+                       cand("c03", "task_arithmetic w=0.7/0.85/1", {"10": 0.6, "30": 0.63})]}))
+    md = (tmp_path / "r" / "report.md") if build_report(run_dir, tmp_path / "r") else None
+    text = md.read_text()
+    assert "Chosen: **c03**, task_arithmetic w=0.7/0.85/1" in text
+    assert "| c03 (chosen) | task_arithmetic w=0.7/0.85/1 | 30 | 63.0 |" in text
+    assert "| c00 | linear (equal weights) | 10 | 40.0 |" in text
+    # dev: 63.3 vs fusion's 60.0; test mean: 63.0 vs fusion's 60.0
+    assert "Against the best fixed recipe (fusion): +3.3 on dev (the evaluate stage's dev split), +3.0 on test" in text
+    assert "| merge:search (chosen) |" in text

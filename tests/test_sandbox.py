@@ -14,7 +14,7 @@ import time
 import pytest
 
 from rdistill.config import SandboxConfig
-from rdistill.verify.sandbox import have_bwrap, run_program
+from rdistill.scoring.sandbox import have_bwrap, run_program
 
 # Tight limits keep the suite fast on a loaded 2-core machine; wall time leaves room for load.
 CFG = SandboxConfig(timeout_s=8.0, cpu_s=2, memory_mb=256, max_procs=16, max_output_bytes=4096)
@@ -51,9 +51,11 @@ def test_ok_program_with_stdin_and_output(python):
 
 def test_infinite_loop_is_stopped(python):
     t0 = time.monotonic()
-    r = run_program("while True:\n    pass\n", None, SandboxConfig(timeout_s=8.0, cpu_s=1), python=python)
-    assert r.status == "timeout" and r.detail in ("CPU-time limit", "wall-clock limit")
-    assert time.monotonic() - t0 < CFG.timeout_s + 5
+    cfg = SandboxConfig(timeout_s=8.0, cpu_s=1)
+    r = run_program("while True:\n    pass\n", None, cfg, python=python)
+    assert r.status in ("timeout", "busy") and (r.detail in ("CPU-time limit", "wall-clock limit") or r.infra)
+    # on a busy machine the wall-clock limit doubles on each retry; it still ends
+    assert time.monotonic() - t0 < cfg.timeout_s * (2 ** (cfg.busy_retries + 1) - 1) + 5
 
 
 def test_sleeping_program_hits_the_wall_clock():
@@ -165,7 +167,7 @@ def test_cli_prints_one_json_object(tmp_path):
     prog, inp = tmp_path / "p.py", tmp_path / "in.txt"
     prog.write_text("print(int(input()) * 2)\nraise SystemExit(3)\n")
     inp.write_text("21\n")
-    out = subprocess.run([sys.executable, "-m", "rdistill.verify.sandbox", str(prog), "--stdin", str(inp)],
+    out = subprocess.run([sys.executable, "-m", "rdistill.scoring.sandbox", str(prog), "--stdin", str(inp)],
                          capture_output=True, text=True, timeout=60)
     d = json.loads(out.stdout)
     assert (d["status"], d["exit_code"], d["stdout"]) == ("error", 3, "42\n")
@@ -193,7 +195,7 @@ def test_interpreter_below_a_closed_folder_outside_tmp_and_through_a_symlink():
 
 
 def test_self_check_passes_here_and_names_a_broken_interpreter(tmp_venv):
-    from rdistill.verify.sandbox_check import SandboxUnavailable, check_sandbox
+    from rdistill.scoring.sandbox_check import SandboxUnavailable, check_sandbox
     assert check_sandbox(CFG)["isolation"] == "bwrap"
     assert check_sandbox(SandboxConfig(python=tmp_venv))["python"] == tmp_venv
     with pytest.raises(SandboxUnavailable, match="/nonexistent/python does not exist"):
@@ -205,7 +207,7 @@ def test_self_check_catches_an_interpreter_that_loses_its_venv():
     the check says which folder and how to fix it."""
     import shutil
     import tempfile
-    from rdistill.verify.sandbox_check import SandboxUnavailable, check_sandbox
+    from rdistill.scoring.sandbox_check import SandboxUnavailable, check_sandbox
     root = tempfile.mkdtemp(dir="/var/tmp")
     try:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", f"{root}/.venv"], check=True)
@@ -253,7 +255,7 @@ def test_a_busy_machine_does_not_turn_right_answers_wrong():
         assert _verdicts(TIGHT) == idle
         r = run_program(VERDICT_PROGRAMS["computes"], None, SandboxConfig(**{**TIGHT.__dict__, "busy_retries": 0}))
         assert (r.status, r.infra) == ("busy", True) and r.cpu_s < 1 and r.queue_wait_s > 0.25, r
-        from rdistill.verify.scoring import score
+        from rdistill.scoring.verifiers import score
         v = score("code", "<think>x</think>\n```python\n" + VERDICT_PROGRAMS["computes"] + "\n```",
                   {"tests": "assert True"}, SandboxConfig(**{**TIGHT.__dict__, "busy_retries": 0}))
         assert v.infra and not v.correct and v.reason.startswith("busy")

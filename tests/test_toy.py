@@ -10,7 +10,7 @@ import re
 import pytest
 
 from rdistill.toy.domains import DOMAINS, SPLITS, problems, records, split_of, traces
-from rdistill.verify.scoring import score
+from rdistill.scoring.verifiers import score
 
 
 def _problems(domain, split="test", n=30, seed=0):
@@ -114,3 +114,22 @@ def test_toy_stage_writes_data_and_models(tmp_path):
         mdir = run.stage_dir("toy") / "models" / name
         assert (mdir / "model.safetensors").exists() and (mdir / "generation_config.json").exists()
     assert run_pipeline(cfg) == {"toy": "skipped"}  # current manifest: not rebuilt
+
+
+def test_slipped_traces_are_wrong_and_the_rest_right():
+    """The base's data: a share of each domain's traces carry one slip to a wrong answer; the
+    problems are the teacher's (the slip never changes which problem is drawn)."""
+    from rdistill.scoring.verifiers import score
+    from rdistill.toy.domains import DOMAINS, problems, traces
+    for d in DOMAINS:
+        probs = {p.prompt: p for p in __import__("itertools").islice(problems(d, "train", 5, unique=False), 200)}
+        clean, slipped = traces(d, 200, 5), traces(d, 200, 5, slip_rate=0.5)
+        assert [r["messages"][0] for r in clean] == [r["messages"][0] for r in slipped]
+        wrong = 0
+        for r in slipped:
+            p = probs[r["messages"][0]["content"]]
+            rec = {"gold": p.gold, "tests": p.tests, "entry_point": p.entry_point}
+            ok = score(d, r["messages"][1]["content"], rec).correct
+            assert ok == (r["messages"][1]["content"] == p.completion)
+            wrong += not ok
+        assert 70 <= wrong <= 130, (d, wrong)

@@ -38,13 +38,15 @@ def test_shipped_models_are_what_the_recipe_makes_in_kind(tmp_path):
 @pytest.mark.slow
 def test_recipe_builds_teacher_and_base_through_train_sft(tmp_path, ray_cluster):
     """A tiny recipe (small model, few traces, a few steps) goes through every step of the real
-    build: traces, tokenizer, init, train_sft for base and teacher, recipe.json."""
+    build: traces, tokenizer, init, train_sft for the teacher, then for the base from the teacher on
+    slipped traces, recipe.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     shape = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
                  intermediate_size=128)
-    recipe = recipe_for(0, traces_per_domain=40, teacher_steps=3, base_steps=1, shape=shape, vocab_size=300)
+    recipe = recipe_for(0, traces_per_domain=40, teacher_steps=3, shape=shape, vocab_size=300,
+                        base={"steps": 2, "lr": 1e-3, "warmup_ratio": 0.0, "slip_rates": {"math": 1.0}})
     info = build(tmp_path / "toy", recipe)
-    assert info["teacher"]["steps"] == 3 and info["base"]["steps"] == 1
+    assert info["teacher"]["steps"] == 3 and info["base"]["steps"] == 2
     saved = json.loads((tmp_path / "toy" / "recipe.json").read_text())
     assert saved["recipe"] == recipe and saved["hash"] == info["hash"]
     for name in ("teacher", "base"):
@@ -53,4 +55,8 @@ def test_recipe_builds_teacher_and_base_through_train_sft(tmp_path, ray_cluster)
         assert "<think>" in tok.get_vocab() and tok.eos_token == "<|im_end|>"
         model = AutoModelForCausalLM.from_pretrained(d)
         assert sum(p.numel() for p in model.parameters()) == info["params"]
+    # the base is the teacher trained on: same shape, other weights
+    import torch
+    base, teacher = (AutoModelForCausalLM.from_pretrained(tmp_path / "toy" / n) for n in ("base", "teacher"))
+    assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), teacher.state_dict().values()))
     assert not (tmp_path / "toy" / ".work").exists()

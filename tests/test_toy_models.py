@@ -1,6 +1,7 @@
 """The shipped toy teacher and base: they load in transformers, and through vLLM (temperature
 0.6, top-p 0.95, the toy test split, the project's verifiers) the teacher is good on every domain
-and the base clearly weaker but already writing the R1 format."""
+and the base is a partly skilled generalist: about half right on every domain (science clearly
+above its 0.25 chance), always in the R1 format."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pytest
 
 from rdistill.toy.build import ASSETS
 from rdistill.toy.domains import DOMAINS, records
-from rdistill.verify.scoring import score
+from rdistill.scoring.verifiers import score
 
-TEACHER_MIN = 0.7  # pass@1 the issue asks of the teacher on each domain
-BASE_SHARE = 0.5   # the base's pass@1 is at most this share of the teacher's on each domain
+TEACHER_MIN = 0.9        # pass@1 the teacher keeps on each domain
+BASE_RANGE = (0.35, 0.8)  # the base's partial skill on each domain (100 problems: +-0.05)
 
 
 def test_models_load_in_transformers_and_answer_in_format():
@@ -55,6 +56,7 @@ def pass_at_1(tmp_path_factory):
 def test_teacher_good_and_base_weaker_through_vllm(pass_at_1, domain):
     teacher, base = pass_at_1
     assert teacher[domain]["n"] == base[domain]["n"] == 100
-    assert base[domain]["format"] > 0.05, base[domain]  # the base already writes the format sometimes
+    assert base[domain]["format"] > 0.95, base[domain]  # a generalist: it writes the R1 format
     assert teacher[domain]["pass@1"] >= TEACHER_MIN, teacher[domain]
-    assert base[domain]["pass@1"] <= BASE_SHARE * teacher[domain]["pass@1"], (base[domain], teacher[domain])
+    lo, hi = BASE_RANGE
+    assert lo <= base[domain]["pass@1"] <= hi, base[domain]  # partial skill, never chance or mastery

@@ -20,7 +20,8 @@ from sft_samples import write_sft
 pytestmark = pytest.mark.slow
 
 CFG = dict(num_workers=2, zero_stage=2, precision="fp32", max_steps=8, lr=3e-3, warmup_ratio=0.1,
-           scheduler="cosine", micro_batch_size=2, max_len=256, checkpoint_every=2, max_failures=0)
+           scheduler="cosine", micro_batch_size=2, max_len=256, checkpoint_every=2, max_failures=0,
+           save_steps=[3])
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,16 @@ def test_crashed_run_continues_and_killed_worker_resumes_from_checkpoint(referen
     assert m["resumed_from_steps"] == [2, 4] and m["steps"] == 8
     # Same data order and optimizer state after each resume: the same loss curve as uninterrupted.
     assert [l for _, l in m["loss_curve"]] == pytest.approx([l for _, l in reference["loss_curve"]], rel=1e-4)
+
+
+def test_snapshot_of_an_intermediate_step_survives_a_resume(reference, world):
+    """save_steps=[3]: the model after step 3, written as it passed (before the crash at step 3
+    in the resumed run, again after its resume), equal in both runs and unlike the final one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    d = world["dir"]
+    snaps = [AutoModelForCausalLM.from_pretrained(d / run / "snapshots" / "step-3") for run in ("ref", "crashy")]
+    final = AutoModelForCausalLM.from_pretrained(d / "ref")
+    for a, b, c in zip(snaps[0].state_dict().values(), snaps[1].state_dict().values(), final.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert any(not torch.allclose(a, c) for a, c in zip(snaps[0].state_dict().values(), final.state_dict().values()))

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from rdistill.config import SandboxConfig
-from rdistill.verify.extract import choice_letter, code_block, format_problem, gold_letter
-from rdistill.verify.scoring import Verdict, score, score_batch, score_frame
+from rdistill.scoring.extract import choice_letter, code_block, format_problem, gold_letter
+from rdistill.scoring.verifiers import Verdict, score, score_rows
 
 THINK = "<think>working it out</think> "
 
@@ -101,16 +101,17 @@ def test_format_checks():
     assert format_problem("<think> </think> b") == "empty reasoning"
 
 
-def test_batch_and_frame_forms():
+def test_rows_form():
     import pandas as pd
-    rows = [{"completion": THINK + r"\boxed{3}", "gold": "3"}, {"completion": THINK + r"\boxed{4}", "gold": "3"}]
-    assert [v.correct for v in score_batch("math", rows)] == [True, False]
-    code_rows = [{"completion": CODE.format(body=b), **TESTS} for b in ("x * 3 + 2", "x")]
-    assert [v.correct for v in score_batch("code", code_rows, SBX, threads=2)] == [True, False]
-    df = pd.DataFrame([{"kind": "science", "completion": THINK + "Answer: A", "gold": "A"},
-                       {"kind": "math", "completion": THINK + r"\boxed{2}", "gold": "3"}])
-    out = score_frame(df)
-    assert list(out["correct"]) == [True, False] and list(out["extracted"]) == ["A", "2"]
+    base = {"finish_reason": "stop", "error": None, "tests": None, "entry_point": None}
+    rows = [dict(base, kind="math", completion=THINK + r"\boxed{3}", gold="3"),
+            dict(base, kind="math", completion=THINK + r"\boxed{4}", gold="3"),
+            *(dict(base, kind="code", completion=CODE.format(body=b), gold=None, **TESTS) for b in ("x * 3 + 2", "x")),
+            dict(base, kind="science", completion=THINK + "Answer: A", gold="A")]
+    out = score_rows(pd.DataFrame(rows), SBX)
+    assert list(out["correct"]) == [True, False, True, False, True]
+    assert list(out["extracted"])[:2] == ["3", "4"] and list(out["extracted"])[-1] == "A"
+    assert not out["infra"].any()
     with pytest.raises(ValueError, match="unknown verifier kind"):
         score("poetry", "x", {})
     assert isinstance(score("science", "Answer: A", {"gold": "A"}), Verdict)

@@ -77,9 +77,10 @@ def _cfg(root, evals):
 
 
 def _expected_funnel(rows):
-    steps = ["generated", "complete", "formatted", "within_budget", "decontaminated", "correct",
+    steps = ["generated", "complete", "formatted", "within_budget", "decontaminated", "checked", "correct",
              "deduplicated", "kept"]
-    order = [None, "incomplete", "bad_format", "over_budget", "contaminated", "incorrect", "duplicate", "over_sample_cap"]
+    order = [None, "incomplete", "bad_format", "over_budget", "contaminated", "unverified_infra", "incorrect",
+             "duplicate", "over_sample_cap"]
     reasons = ["duplicate" if why == "near_duplicate" else why for _, why in rows]
     return {s: len(rows) - sum(1 for r in reasons if r is not None and order.index(r) <= i)
             for i, s in enumerate(steps)}
@@ -92,7 +93,7 @@ def test_funnel_reasons_and_sft_format(run_dir, ray_cluster):
     manifest = pipeline.run_stage(cfg, RunDir(root), "verify")
     res = manifest["result"]
     for name, rows in (("math", MATH), ("code", CODE), ("science", SCIENCE)):
-        assert res["funnel"][name] == _expected_funnel(rows), name
+        assert res["funnel"][name] == [list(kv) for kv in _expected_funnel(rows).items()], name  # in order
         kept = [json.loads(line) for line in (root / "verify" / f"{name}.jsonl").read_text().splitlines()]
         assert sorted(k["id"] for k in kept) == sorted(r["id"] for r, why in rows if why is None)
         for k in kept:  # chat format: the prompt as sent, then the teacher's full answer

@@ -9,6 +9,7 @@ from rdistill.config.fields import ConfigError, check, fail, spec
 from rdistill.config.models import DomainConfig, StudentConfig, TeacherConfig
 from rdistill.config.stages import (EvalConfig, GenerateConfig, MergeConfig, ServeConfig,
                                     ToyConfig, TrainConfig, VerifyConfig)
+from rdistill.config.tracking import TrackingConfig
 
 STAGES = ["toy", "generate", "verify", "train", "merge", "evaluate", "report", "serve"]
 
@@ -57,6 +58,8 @@ class ExperimentConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow, W&B or none): one parent run, a nested run per stage."""
 
     def validate(self, prefix: str) -> None:
         if not self.domains:

@@ -12,6 +12,24 @@ from typing import Any
 
 from rdistill.errors import ConfigError  # noqa: F401  (re-exported: its home is rdistill.errors)
 
+# Allowed values used by several configs (and by the merge plans): defined once here.
+DTYPES = ["bfloat16", "float16", "float32"]
+"""Dtypes a merge computes in and writes."""
+ENGINE_DTYPES = DTYPES + ["auto"]
+"""Dtypes an inference engine loads weights in (auto: the checkpoint's)."""
+MERGE_METHODS = ["arcee_fusion", "ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp",
+                 "model_stock"]
+"""Merge methods, mergekit's names (rdistill.merge.methods.METHODS implements exactly these)."""
+
+
+def shared_fields(source: Any, target_cls: type, **given: Any) -> Any:
+    """A `target_cls` built from the fields it shares (by name) with the config `source`, then
+    `given`: a runtime object takes a config's settings without copying them one by one, and a
+    setting added to both is passed on with no code to change."""
+    names = {f.name for f in dataclasses.fields(target_cls)} & {f.name for f in dataclasses.fields(source)}
+    import copy
+    return target_cls(**{n: copy.deepcopy(getattr(source, n)) for n in names if n not in given}, **given)
+
 
 def spec(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
          choices: list | None = None, ge: float | None = None, gt: float | None = None,

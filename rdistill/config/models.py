@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rdistill.config.fields import fail, spec
+from rdistill.config.fields import ENGINE_DTYPES, fail, spec
 
-BACKENDS = ["vllm", "openai"]
+BACKENDS = ["vllm", "openai", "dataset"]
+ADAPTERS = ["livecodebench"]
+FILTER_OPS = ("ge", "gt", "le", "lt", "in", "not_in")
 DOMAIN_KINDS = ["math", "code", "science"]
 
 
@@ -35,15 +37,28 @@ class TeacherConfig:
     name: str = "toy-teacher"
     """Name recorded with every generated row (and shown in the report)."""
     backend: str = spec("vllm", choices=BACKENDS)
-    """`vllm`: an engine hosted by Ray Data; `openai`: any OpenAI-compatible HTTP endpoint."""
+    """`vllm`: an engine hosted by Ray Data; `openai`: any OpenAI-compatible HTTP endpoint;
+    `dataset`: no model runs, every domain's existing traces are imported from its sources
+    (`domains.<d>.train.traces`), one row per trace, as a live teacher would have written them."""
     model: str = "toy:teacher"
-    """Model reference for the vllm backend, or the model name sent to the endpoint."""
+    """Model reference for the vllm backend, or the model name sent to the endpoint (the dataset
+    backend only records it)."""
+    import_traces: bool = False
+    """Live backends (vllm, openai): import the traces of domains whose sources declare them and
+    generate only the other domains (false: regenerate every domain). The dataset backend always
+    imports and needs traces on every domain."""
+    tokenizer: Optional[str] = None
+    """Model reference whose tokenizer counts imported traces' tokens (None: the student base's,
+    the budget SFT cuts at)."""
     base_url: Optional[str] = None
     """Endpoint for the openai backend, e.g. https://api.deepseek.com/v1 (no trailing path)."""
     api_key_env: Optional[str] = "OPENAI_API_KEY"
     """Environment variable holding the API key; the key itself never goes in a config file."""
     qps: Optional[float] = spec(None, gt=0)
     """Request rate cap for the openai backend (None: unlimited)."""
+    max_in_flight: int = spec(64, gt=0)
+    """Most requests the openai backend holds open at once, over all replicas (also bounded by
+    qps): a reasoning model answers in minutes, so throughput is qps-bound only with hundreds open."""
     max_retries: int = spec(6, ge=0)
     """Retries per request on 429, 5xx, timeouts and malformed bodies, with exponential backoff."""
     retry_wait_s: float = spec(1.0, gt=0)
@@ -58,7 +73,7 @@ class TeacherConfig:
     """Engine replicas Ray Data runs concurrently."""
     max_model_len: int = spec(1024, gt=0)
     """Context length the engine is built for (prompt + completion)."""
-    dtype: str = spec("bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    dtype: str = spec("bfloat16", choices=ENGINE_DTYPES)
     """Engine weight dtype."""
     batch_size: int = spec(16, gt=0)
     """Rows per batch sent to one engine or HTTP worker."""
@@ -80,6 +95,39 @@ class StudentConfig:
 
 
 @dataclass
+class TracesConfig:
+    """Where a source keeps existing teacher traces (imported instead of generated): either
+    `reasoning` + `answer` columns, or a `generations` column of whole completions."""
+    reasoning: Optional[str] = None
+    """Column with the teacher's reasoning (text, or a list of texts that are joined), e.g.
+    OpenThoughts' deepseek_reasoning; the row's completion is `<think>reasoning</think>answer`."""
+    answer: Optional[str] = None
+    """Column with the answer written after the reasoning (OpenThoughts' deepseek_solution)."""
+    generations: Optional[str] = None
+    """Column with whole completions, `<think>` included: a list (one row per trace, OpenR1's
+    generations) or one text."""
+    correct: Optional[str] = None
+    """Per-generation correctness flags (a list beside `generations`, e.g. OpenR1's
+    correctness_math_verify) or one flag; traces flagged false are not imported."""
+    complete: Optional[str] = None
+    """Per-generation completeness flags (OpenR1's is_reasoning_complete); false means the trace
+    was cut (finish reason length)."""
+    finish_reasons: Optional[str] = None
+    """Per-generation finish reasons (a list, or one string): stop or length; unknown ones are
+    inferred (a closed </think> followed by an answer is stop)."""
+    keep_incorrect: bool = False
+    """Import traces flagged incorrect too (the verify stage still judges them)."""
+
+    def validate(self, prefix: str) -> None:
+        cols = {k: getattr(self, k) for k in ("reasoning", "answer", "generations") if getattr(self, k)}
+        pair = self.reasoning is not None or self.answer is not None
+        if pair == (self.generations is not None):
+            fail(prefix.rstrip("."), cols, "set either generations (whole completions) or reasoning + answer")
+        if pair and (self.reasoning is None or self.answer is None):
+            fail(prefix.rstrip("."), cols, "reasoning and answer go together: set both columns")
+
+
+@dataclass
 class SourceConfig:
     path: Optional[str] = None
     """Local JSONL or parquet file, or `toy:<domain>/<split>` for the toy world's files."""
@@ -88,11 +136,17 @@ class SourceConfig:
     hf_subset: Optional[str] = None
     """Hugging Face dataset config/subset name."""
     split: str = "train"
-    """Dataset split to read (Hugging Face sources)."""
+    """Dataset split to read (Hugging Face sources; `train` when data_files are named)."""
+    data_files: List[str] = field(default_factory=list)
+    """Files of the Hugging Face dataset repository to read (e.g. LiveCodeBench's test*.jsonl,
+    whose loading script `datasets` no longer runs); empty: the dataset's own configuration."""
     fields: Dict[str, str] = field(default_factory=dict)
     """Map from rdistill's column names (id, prompt, gold, tests) to the source's column names."""
     filter: Dict[str, Any] = field(default_factory=dict)
-    """Keep only rows whose column equals the value (e.g. {domain: science} for a mixed set)."""
+    """Keep rows whose column matches: a value (equals), a list (one of), or a range/set as a
+    map of ge, gt, le, lt, in, not_in; bounds compare as numbers, or as dates when they are ISO
+    dates (e.g. {contest_date: {ge: "2024-08-01", lt: "2025-02-01"}}). A column the source lacks,
+    or a filter that keeps nothing, stops the run."""
     limit: Optional[int] = spec(None, gt=0)
     """Use at most this many records (None: all)."""
     choices: List[str] = field(default_factory=list)
@@ -100,11 +154,35 @@ class SourceConfig:
     'Correct Answer', 'Incorrect Answer 1..3'): options are shuffled (seeded by the record id)
     into A-D under the question, and gold becomes the correct letter."""
     expected_rows: Optional[int] = spec(None, gt=0)
-    """Known size of a remote source, used by the dry run's estimates without downloading it."""
+    """Records the source yields after filters and limit: the dry run's estimate without a
+    download, and a check when it is loaded (off by more than expected_tolerance: the run stops)."""
+    expected_tolerance: float = spec(0.05, ge=0.0, le=1.0)
+    """Relative difference from expected_rows accepted (dataset revisions move counts a little)."""
+    traces: Optional[TracesConfig] = None
+    """Columns holding existing teacher traces: the domain is imported instead of generated
+    (teacher=dataset, or a live teacher with import_traces=true)."""
+    adapter: Optional[str] = spec(None, choices=ADAPTERS)
+    """Dataset-specific records: `livecodebench` puts the starter code into the prompt and packs
+    public and private tests (LeetCode problems call-based) the way lcb_runner runs them."""
+    name: Optional[str] = None
+    """Name of an extra test set (`extra_test`): evaluated and reported as `<domain>/<name>`."""
+    exclude_test: bool = False
+    """Drop records whose id or prompt is in one of the domain's test sets, so a dev set drawn from
+    the test's own dataset is disjoint from it by construction (GPQA main minus Diamond)."""
+    eval_samples: Optional[int] = spec(None, gt=0)
+    """Samples per prompt when this source is evaluated (None: the domain's eval_samples)."""
+
+    def label(self) -> str:
+        return self.name or self.path or f"{self.hf_name}{'/' + self.hf_subset if self.hf_subset else ''}"
 
     def validate(self, prefix: str) -> None:
         if self.path is None and self.hf_name is None:
             fail(prefix.rstrip("."), None, "set path (a JSONL/parquet file) or hf_name (a Hugging Face dataset)")
+        for col, rule in self.filter.items():
+            if isinstance(rule, dict):
+                bad = sorted(set(map(str, rule)) - set(FILTER_OPS))
+                if bad or not rule:
+                    fail(f"{prefix}filter.{col}", rule, "a range or set uses the keys " + ", ".join(FILTER_OPS))
 
 
 @dataclass
@@ -117,6 +195,9 @@ class DomainConfig:
     """Held-out prompts that score merge candidates."""
     test: Optional[SourceConfig] = None
     """Evaluation prompts of the final table."""
+    extra_test: List[SourceConfig] = field(default_factory=list)
+    """More evaluation sets of this domain, each with a `name` (e.g. aime25, math500), scored with
+    the domain's verifier and reported as their own columns `<domain>/<name>`."""
     system_prompt: Optional[str] = None
     """System message sent with every prompt of this domain."""
     instruction_suffix: str = ""
@@ -132,4 +213,10 @@ class DomainConfig:
     """Per-branch overrides of the `train` section (epochs, lr, scheduler, ...), as in the reference recipe."""
     language: str = "python"
     """Programming language of code answers (code domains)."""
+
+    def validate(self, prefix: str) -> None:
+        names = [s.name for s in self.extra_test]
+        for i, n in enumerate(names):
+            if not n or "/" in n or n in names[:i]:
+                fail(f"{prefix}extra_test[{i}].name", n, "give each extra test set a unique name without '/'")
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rdistill.config.fields import fail, spec
+from rdistill.config.fields import DTYPES, ENGINE_DTYPES, MERGE_METHODS, fail, spec
 from rdistill.config.models import SamplingConfig
 
-MERGE_METHODS = ["arcee_fusion", "ties", "dare_ties", "dare_linear", "task_arithmetic",
-                 "linear", "slerp", "model_stock"]
 SCHEDULERS = ["constant_with_warmup", "cosine", "linear", "constant"]
 
 
@@ -119,16 +117,41 @@ class TrainConfig:
     """Longest training sequence; longer samples are dropped and counted, never truncated."""
     packing: bool = True
     """Pack samples into rows of max_len with per-sample attention (neat packing)."""
+    loss_chunk_tokens: int = spec(4096, ge=0)
+    """Tokens per chunk of the cross-entropy over the vocabulary: the [tokens, vocab] logits are
+    never built whole (a 16k-token row over Qwen's 152k vocabulary is ~10 GB in fp32); each
+    chunk's logits are recomputed in backward. Liger's fused kernel replaces it on GPUs where
+    installed (extra `liger`). 0: the full logits (only for equality tests)."""
+    sequence_parallel_size: int = spec(1, ge=1)
+    """Workers that share one packed row (Ulysses sequence parallelism through DeepSpeed: each
+    holds 1/n of the row's tokens and activations; attention swaps the split to the heads).
+    Must divide num_workers and the student's attention heads; data-parallel replicas are
+    num_workers / sequence_parallel_size. For 32k-token rows of a 32B student."""
+    tokenize_with_ray_data: Optional[bool] = None
+    """Tokenize and pack the SFT set as a Ray Data job across the cluster (memory-mapped rows
+    written in parallel) instead of in the driver; None: when the SFT files hold 256 MB or more."""
+
+    def validate(self, prefix: str) -> None:
+        if self.num_workers % self.sequence_parallel_size:
+            fail(prefix + "sequence_parallel_size", self.sequence_parallel_size,
+                 f"must divide num_workers ({self.num_workers}): each group of workers shares one row")
     chat_template: Optional[str] = None
     """Template that renders SFT samples: a bundled name (r1_distill_keep_reasoning) or a .jinja
     path; None: the student's own. DeepSeek-R1-Distill's own template drops the <think> reasoning
     from assistant turns, so its presets set r1_distill_keep_reasoning."""
     checkpoint_every: int = spec(50, ge=1)
     """Optimizer steps between checkpoints."""
+    save_steps: List[int] = field(default_factory=list)
+    """Also write the model as it is after these optimizer steps, as HF directories
+    <out>/snapshots/step-<n> (the toy world's student base is one of its teacher's)."""
     max_failures: int = spec(2, ge=0)
     """Worker failures Ray Train recovers from (resuming from the last checkpoint)."""
     seed: int = 42
     """Seed of data order and initialisation."""
+    mixture_baseline: bool = False
+    """Also train one student on the union of every domain's SFT set, with as many optimizer
+    steps as the branches take together (the `mixture` row of the table): the baseline that
+    answers whether Branch-Merge beats simply training on everything."""
 
 
 @dataclass
@@ -151,9 +174,9 @@ class MergeStepConfig:
     """Models merged in this step."""
     parameters: Dict[str, Any] = field(default_factory=dict)
     """Global parameters with mergekit's names (lambda, normalize, t, density, ...)."""
-    dtype: str = spec("bfloat16", choices=["bfloat16", "float16", "float32"])
+    dtype: str = spec("bfloat16", choices=DTYPES)
     """Dtype the merge computes in."""
-    out_dtype: Optional[str] = spec(None, choices=["bfloat16", "float16", "float32"])
+    out_dtype: Optional[str] = spec(None, choices=DTYPES)
     """Dtype of the written tensors (None: dtype)."""
 
     def validate(self, prefix: str) -> None:
@@ -173,16 +196,64 @@ class MergeCandidateConfig:
             fail(prefix + "steps", [], "list at least one merge step")
 
 
+SEARCH_METHODS = ["task_arithmetic", "ties", "dare_ties", "arcee_fusion", "linear", "model_stock"]
+SEARCH_CANDIDATE = "search"  # the search's chosen merge: merge/search/final, merge:search
+
+
+@dataclass
+class MergeSearchConfig:
+    enabled: bool = False
+    """Search merge recipes on the dev split (a candidate named `search` beside the fixed ones)."""
+    methods: List[str] = spec(default_factory=lambda: list(SEARCH_METHODS), choices=SEARCH_METHODS)
+    """Methods searched: arcee_fusion means Fusion chains in every order of the branches."""
+    weights: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0])
+    """Values each branch's weight is drawn from (task_arithmetic, ties, dare_ties)."""
+    densities: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    """Values the kept share is drawn from (ties, dare_ties)."""
+    lambdas: List[float] = field(default_factory=lambda: [1.0])
+    """Values the scaling of the summed task vectors is drawn from (ties, dare_ties)."""
+    candidates: int = spec(24, gt=0)
+    """Budget in candidates: every Fusion order, linear and model_stock, then seeded draws of the
+    weighted methods up to this many."""
+    first_prompts: int = spec(10, gt=0)
+    """Dev prompts per domain every candidate is scored on (successive halving's first rung);
+    each later rung scores the best 1/eta of the candidates on eta times as many, up to the
+    whole dev split."""
+    eta: int = spec(3, ge=2)
+    """Successive halving's reduction factor."""
+    samples: int = spec(2, gt=0)
+    """Samples per dev prompt."""
+    floor: str = spec("base", choices=["none", "base"])
+    """base: a candidate below the student base on any domain (on dev) is never chosen."""
+    seed: int = 0
+    """Seed of the candidate draws."""
+
+
 @dataclass
 class MergeConfig:
     candidates: List[MergeCandidateConfig] = field(default_factory=list)
     """Merge candidates; with more than one, the evaluate stage picks the best on the dev split."""
-    objective: str = spec("mean", choices=["mean", "min"])
-    """How domain scores combine when choosing among candidates."""
+    search: MergeSearchConfig = field(default_factory=MergeSearchConfig)
+    """A budgeted search over merge recipes, scored on the dev split by warm engines."""
+    objective: str = spec("mean", choices=["mean", "min", "weighted"])
+    """How domain scores combine when choosing a merge: their mean, the worst domain, or a
+    weighted mean (domain_weights)."""
+    domain_weights: Dict[str, float] = field(default_factory=dict)
+    """Weights of the domains for objective=weighted (missing domains weigh 0)."""
     shard_size_mb: int = spec(1024, gt=0)
     """Output safetensors shard size."""
     num_tasks: Optional[int] = spec(None, gt=0)
     """Concurrent merge tasks (None: one per available CPU)."""
+
+    def names(self) -> list[str]:
+        """Every merge the run makes, in table order: the fixed candidates, then the search's."""
+        return [c.name for c in self.candidates] + ([SEARCH_CANDIDATE] if self.search.enabled else [])
+
+    def validate(self, prefix: str) -> None:
+        if self.search.enabled and SEARCH_CANDIDATE in [c.name for c in self.candidates]:
+            fail(prefix + "candidates", SEARCH_CANDIDATE, "the name 'search' is the search's own: rename the candidate")
+        if self.objective == "weighted" and not any(w > 0 for w in self.domain_weights.values()):
+            fail(prefix + "domain_weights", dict(self.domain_weights), "objective=weighted needs a positive weight")
 
 
 @dataclass
@@ -201,6 +272,9 @@ class EvalConfig:
     tensor_parallel_size: int = spec(1, ge=1)
     """GPUs per evaluation engine (vLLM tensor parallel degree): a 32B student in bf16 is 66 GB,
     so one 80 GB GPU leaves almost no room for 32k-token KV caches; CPU engines use 1."""
+    warm_engines: bool = True
+    """Load each next model of a family into running engines (false: a fresh engine per model,
+    slower by one engine start per model; for comparison)."""
 
 
 @dataclass
@@ -223,7 +297,7 @@ class ServeConfig:
     """Engine context length."""
     blocking: bool = True
     """Serve in the foreground until interrupted (false: deploy and return)."""
-    dtype: str = spec("bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    dtype: str = spec("bfloat16", choices=ENGINE_DTYPES)
     """Engine weight dtype."""
     tensor_parallel_size: int = spec(1, ge=1)
     """GPUs per replica (vLLM tensor parallel degree); CPU replicas use 1."""

@@ -71,6 +71,23 @@ def check_tokenizer(tok) -> None:
                            "answers: set train.chat_template=r1_distill_keep_reasoning (or a .jinja path)")
 
 
+def parse_sft_line(line: str, where: str, default_id: str) -> dict | None:
+    """One JSONL line as an SFT record (None for a blank line); `where` (file:line) names it in
+    the SFTDataError a bad line raises."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SFTDataError(f"{where}: not valid JSON ({e.msg})") from None
+    msgs = rec.get("messages") if isinstance(rec, dict) else None
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m
+                                            and isinstance(m.get("content"), str) for m in msgs):
+        raise SFTDataError(f"{where}: needs 'messages': a list of {{role, content}} with string content")
+    rec.setdefault("id", default_id)
+    return rec
+
+
 def read_sft_jsonl(paths: Iterable[str]) -> Iterator[dict]:
     """Yield SFT records from JSONL files; a file that is missing or a line that is not a chat
     sample raises SFTDataError naming the file and line."""
@@ -80,19 +97,9 @@ def read_sft_jsonl(paths: Iterable[str]) -> Iterator[dict]:
             raise SFTDataError(f"SFT file {path} does not exist: run the verify stage first or fix the path")
         with p.open() as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SFTDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                msgs = rec.get("messages")
-                if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m
-                                                        and isinstance(m.get("content"), str) for m in msgs):
-                    raise SFTDataError(f"{path}:{n}: needs 'messages': a list of {{role, content}} with "
-                                       "string content")
-                rec.setdefault("id", f"{p.name}:{n}")
-                yield rec
+                rec = parse_sft_line(line, f"{path}:{n}", f"{p.name}:{n}")
+                if rec is not None:
+                    yield rec
 
 
 def _render(tok, messages: list[dict], gen_prompt: bool) -> str:
@@ -124,30 +131,37 @@ def tokenize_chat(tok, messages: list[dict], sample_id: str = "") -> Tokenized:
     return Tokenized(list(enc["input_ids"]), mask, sample_id)
 
 
-def tokenize_files(tok, paths: list[str], max_len: int) -> tuple[list[Tokenized], TokenizeStats]:
-    """Tokenize every sample of the SFT files; samples longer than max_len are dropped and counted
-    (never truncated: a cut answer would teach the model to stop mid-thought). Fails when nothing
-    trainable is left."""
-    check_tokenizer(tok)
-    st = TokenizeStats(files=[str(p) for p in paths])
-    out: list[Tokenized] = []
-    for rec in read_sft_jsonl(paths):
-        st.samples += 1
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in rec["messages"]):
-            st.no_assistant_tokens += 1  # an empty answer would only teach the model to stop at once
-            continue
-        t = tokenize_chat(tok, rec["messages"], str(rec["id"]))
-        if sum(t.loss_mask[1:]) == 0:  # token 0 is never predicted
-            st.no_assistant_tokens += 1
-            continue
-        if len(t.input_ids) > max_len:
-            st.dropped_too_long += 1
-            continue
-        out.append(t)
+KEPT, TOO_LONG, NO_ASSISTANT = 0, 1, 2  # what became of a sample (tokenize_record)
+
+
+def tokenize_record(tok, rec: dict, max_len: int) -> tuple[int, Tokenized | None]:
+    """(status, tokens) of one SFT record: samples longer than max_len are dropped, never
+    truncated (a cut answer would teach the model to stop mid-thought)."""
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in rec["messages"]):
+        return NO_ASSISTANT, None  # an empty answer would only teach the model to stop at once
+    t = tokenize_chat(tok, rec["messages"], str(rec["id"]))
+    if sum(t.loss_mask[1:]) == 0:  # token 0 is never predicted
+        return NO_ASSISTANT, t
+    if len(t.input_ids) > max_len:
+        return TOO_LONG, t
+    return KEPT, t
+
+
+def count_sample(st: TokenizeStats, status: int, length: int, loss_tokens: int) -> None:
+    st.samples += 1
+    if status == NO_ASSISTANT:
+        st.no_assistant_tokens += 1
+    elif status == TOO_LONG:
+        st.dropped_too_long += 1
+    else:
         st.kept += 1
-        st.tokens += len(t.input_ids)
-        st.loss_tokens += sum(t.loss_mask[1:])
-        st.longest = max(st.longest, len(t.input_ids))
+        st.tokens += length
+        st.loss_tokens += loss_tokens
+        st.longest = max(st.longest, length)
+
+
+def check_stats(st: TokenizeStats, max_len: int) -> None:
+    """Fail when nothing trainable is left, saying why."""
     where = ", ".join(st.files) or "(no files)"
     if st.samples == 0:
         raise SFTDataError(f"the SFT set {where} is empty: nothing to train on (check the verify stage's funnel)")
@@ -157,4 +171,18 @@ def tokenize_files(tok, paths: list[str], max_len: int) -> tuple[list[Tokenized]
     if st.kept == 0:
         raise SFTDataError(f"every sample of {where} is longer than max_len={max_len} tokens "
                            f"({st.dropped_too_long} dropped): raise train.max_len")
+
+
+def tokenize_files(tok, paths: list[str], max_len: int) -> tuple[list[Tokenized], TokenizeStats]:
+    """Tokenize every sample of the SFT files in this process (rdistill.data.tokenize_ray does
+    the same across a cluster); fails when nothing trainable is left."""
+    check_tokenizer(tok)
+    st = TokenizeStats(files=[str(p) for p in paths])
+    out: list[Tokenized] = []
+    for rec in read_sft_jsonl(paths):
+        status, t = tokenize_record(tok, rec, max_len)
+        count_sample(st, status, len(t.input_ids) if t else 0, sum(t.loss_mask[1:]) if t else 0)
+        if status == KEPT:
+            out.append(t)
+    check_stats(st, max_len)
     return out, st

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rdistill.config import ExperimentConfig
 from rdistill.config.fields import ConfigError
-from rdistill.generate.spec import LLMSpec
-from rdistill.topology import eval_tensor_parallel
+from rdistill.llm.spec import LLMSpec
+from rdistill.refs import MIXTURE
 
 
 @dataclass
@@ -29,14 +29,11 @@ def _student_spec(cfg: ExperimentConfig, name: str, path: str) -> LLMSpec:
     if not (Path(path).exists() or cfg.student.base == path):
         raise ConfigError(f"model {name} is missing at {path}: run the stage that builds it "
                           f"(stages=[train,merge,...]) before evaluate")
-    return LLMSpec(model=path, name=name, backend="vllm", device=cfg.device,
-                   sampling=cfg.eval.sampling, max_model_len=cfg.student.max_model_len,
-                   batch_size=cfg.eval.batch_size,
-                   tensor_parallel_size=eval_tensor_parallel(cfg))
+    return LLMSpec.for_student(cfg, name, path)
 
 
 def needs_selection(cfg: ExperimentConfig) -> bool:
-    return len(cfg.merge.candidates) > 1
+    return len(cfg.merge.names()) > 1
 
 
 def eval_targets(cfg: ExperimentConfig, resolve) -> list[Target]:
@@ -45,9 +42,11 @@ def eval_targets(cfg: ExperimentConfig, resolve) -> list[Target]:
     out = [Target("base", _student_spec(cfg, "base", resolve("base")))]
     for d in cfg.domains:
         out.append(Target(f"branch:{d}", _student_spec(cfg, f"branch:{d}", resolve(f"branch:{d}"))))
+    if cfg.train.mixture_baseline:
+        out.append(Target(MIXTURE, _student_spec(cfg, MIXTURE, resolve(MIXTURE))))
     dev = ("test", "dev") if needs_selection(cfg) else ("test",)
-    for c in cfg.merge.candidates:
-        ref = f"merge:{c.name}"
+    for name in cfg.merge.names():
+        ref = f"merge:{name}"
         out.append(Target(ref, _student_spec(cfg, ref, resolve(ref)), dev))
     if cfg.eval.include_teacher:
         t = cfg.teacher

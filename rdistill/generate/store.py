@@ -156,3 +156,48 @@ def write_domains(table: pa.Table, dest: Path, stats: dict) -> dict:
         for k, v in reasons.items():
             totals["finish_reasons"][k] = totals["finish_reasons"].get(k, 0) + v
     return totals
+
+
+class DomainWriter:
+    """Rows of one domain streamed into `<domain>.parquet` in the output contract's schema
+    (imported traces: no checkpointing, an interrupted import simply starts over)."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
+        self.writer = pq.ParquetWriter(self.tmp, OUTPUT_SCHEMA)
+
+    def write(self, rows: list[dict]) -> None:
+        if rows:
+            self.writer.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA))
+
+    def __enter__(self) -> "DomainWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.writer.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def domain_totals(path: Path) -> dict:
+    """A written domain file's counts: rows, finish reasons, error rows, prompt/completion tokens."""
+    import pyarrow.compute as pc
+    t = pq.read_table(path, columns=["finish_reason", "prompt_tokens", "completion_tokens"])
+    reasons = {k: int(v) for k, v in zip(*[x.to_pylist() for x in
+                                           pc.value_counts(t.column("finish_reason")).flatten()])} if t.num_rows else {}
+    return {"written": t.num_rows, "finish_reasons": reasons, "error_rows": reasons.get("error", 0),
+            "prompt_tokens": int(pc.sum(t.column("prompt_tokens")).as_py() or 0),
+            "completion_tokens": int(pc.sum(t.column("completion_tokens")).as_py() or 0)}
+
+
+def summed(stats: dict) -> dict:
+    """Token and finish-reason totals over domains' stats."""
+    out = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reasons": {}}
+    for s in stats.values():
+        out["prompt_tokens"] += s.get("prompt_tokens", 0)
+        out["completion_tokens"] += s.get("completion_tokens", 0)
+        for k, v in s.get("finish_reasons", {}).items():
+            out["finish_reasons"][k] = out["finish_reasons"].get(k, 0) + v
+    return out

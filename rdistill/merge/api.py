@@ -30,8 +30,9 @@ def merge(plan: Any, out_dir: str | Path, *, resolve: Optional[Callable[[str], s
 
     One step writes to out_dir; a chain writes each step to out_dir/<step name>. `resolve` maps
     model references to local paths (default: unchanged, relative to the current directory).
-    Starts a local Ray cluster when none is running (and stops it afterwards). Keyword arguments
-    set `Options` fields (seed, shard_size, num_tasks, unsafe_truncate_embeddings, device, ...).
+    Runs on the connected Ray cluster's tasks, or in this process's threads when Ray is not
+    initialized (one machine: no cluster start-up). Keyword arguments set `Options` fields
+    (seed, shard_size, num_tasks, unsafe_truncate_embeddings, device, in_process, ...).
     `stats`, when given, receives each step's counts and timings."""
     import dataclasses
 
@@ -42,22 +43,14 @@ def merge(plan: Any, out_dir: str | Path, *, resolve: Optional[Callable[[str], s
     if len(set(names)) != len(names):
         raise PlanError(f"step names must be unique in a chain, got {names}")
     out_dir = Path(out_dir).absolute()
-    started = False
     if not ray.is_initialized():
-        from rdistill.config import RayConfig
-        from rdistill.topology import init_ray
-        init_ray(RayConfig())
-        started = True
-    try:
-        done: dict[str, Path] = {}
-        fallback = resolve or (lambda r: str(Path(r).expanduser().absolute()))
-        for step in steps:
-            dest = out_dir if len(steps) == 1 else out_dir / step.name
-            counts = run_step(step, dest, chain_resolver(done, fallback), opts, log)
-            if stats is not None:
-                stats.append(counts)
-            done[step.name] = dest
-        return done[steps[-1].name]
-    finally:
-        if started:
-            ray.shutdown()
+        opts.in_process = True
+    done: dict[str, Path] = {}
+    fallback = resolve or (lambda r: str(Path(r).expanduser().absolute()))
+    for step in steps:
+        dest = out_dir if len(steps) == 1 else out_dir / step.name
+        counts = run_step(step, dest, chain_resolver(done, fallback), opts, log)
+        if stats is not None:
+            stats.append(counts)
+        done[step.name] = dest
+    return done[steps[-1].name]

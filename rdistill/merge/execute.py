@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from rdistill.errors import RdistillError
+from rdistill.parallel import run_at_most
 from rdistill.merge.inputs import InputModel, check_inputs, load_input
 from rdistill.merge.plan import MergeStep, tensor_parameters
 from rdistill.merge.st_io import (InputError, OutTensor, TensorLoc, create_shards, layout_shards,
@@ -53,6 +54,9 @@ class Options:
     parameter is present with its shape, so the output loads in transformers."""
     unit_bytes: Optional[int] = None
     """Input bytes per task (None: about a quarter of an even share per task, 4-256 MiB)."""
+    in_process: bool = False
+    """Merge in this process's threads instead of Ray tasks (one machine, no cluster): no Ray
+    start-up and no worker processes' memory, which dominate a merge of a few GB."""
 
 
 @dataclass
@@ -95,6 +99,18 @@ def _row_blocks(out: OutTensor, locs: list[TensorLoc], rows: Optional[int], spli
         yield (replace(out, shape=shape, start=out.start + r0 * o_row, nbytes=(r1 - r0) * o_row),
                [replace(loc, shape=shape, start=loc.start + r0 * (loc.nbytes // loc.shape[0]),
                         nbytes=(r1 - r0) * (loc.nbytes // loc.shape[0])) for loc in locs], None)
+
+
+def _merge_in_threads(units: list, args: tuple, use_gpu: bool, width: int) -> list[dict]:
+    """The units on a thread pool of this process: reads, torch ops and pwrite release the GIL.
+    One torch thread per pool thread, so `width` threads do not oversubscribe the cores."""
+    import torch
+    keep = torch.get_num_threads()
+    torch.set_num_threads(max(1, keep // width))
+    try:
+        return run_at_most(width, [lambda u=u: merge_unit(*args, u, use_gpu) for u in units], name="merge")
+    finally:
+        torch.set_num_threads(keep)
 
 
 def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_gpu: bool) -> dict:
@@ -243,19 +259,18 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
             shared, per = tensor_parameters(step, out.name, layers)
             items.append((out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
         total_in = sum(loc.nbytes for it in items for loc in it[1])
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = (os.cpu_count() or 1) if opts.in_process else int(ray.cluster_resources().get("CPU", 1))
         width = opts.num_tasks or cpus
         target = opts.unit_bytes or min(256 << 20, max(4 << 20, total_in // (4 * width)))
         units = _units(items, target)
-        task = ray.remote(merge_unit).options(**merge_task_options(opts.device))
         use_gpu = opts.device == "gpu"
-        pending, results = [], []
-        for unit in units:
-            if len(pending) >= width:
-                ready, pending = ray.wait(pending, num_returns=1)
-                results += ray.get(ready)
-            pending.append(task.remote(step.merge_method, step.dtype, str(tmp), unit, use_gpu))
-        results += ray.get(pending)
+        args = (step.merge_method, step.dtype, str(tmp))
+        if opts.in_process:
+            results = _merge_in_threads(units, args, use_gpu, width)
+        else:  # at most `width` tasks in flight: each holds its tensors in memory
+            task = ray.remote(merge_unit).options(**merge_task_options(opts.device))
+            results = run_at_most(width, [lambda u=u: ray.get(task.remote(*args, u, use_gpu)) for u in units],
+                                  name="merge")
         bad = [n for r in results for n in r["nonfinite"]]
         if bad:
             raise MergeError(f"{step.name}: {len(bad)} merged tensor(s) are not finite, e.g. {bad[:3]}; "

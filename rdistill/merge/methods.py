@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from rdistill.config.fields import MERGE_METHODS
+
 QUANTILE_SAMPLE = 1_000_000  # arcee_fusion: quantiles from a 1e6-element sample, as mergekit does
 
 
@@ -232,6 +234,8 @@ METHODS: dict[str, MethodSpec] = {
     "model_stock": MethodSpec(model_stock, base="required", min_models=2, shared={"filter_wise": False}),
     "arcee_fusion": MethodSpec(arcee_fusion, base="required", min_models=1, max_models=1),
 }
+# The registry implements exactly the methods the configs allow (one list: config.fields).
+assert sorted(METHODS) == sorted(MERGE_METHODS), "merge methods: registry and config disagree"
 
 
 def merge_tensor(method: str, xs: list[torch.Tensor], shared: dict[str, Any], per: list[dict],

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from rdistill.config.fields import DTYPES
 from rdistill.errors import ConfigError
 from rdistill.merge.methods import METHODS
 
-DTYPES = ("bfloat16", "float16", "float32")
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 # mergekit keys this implementation does not take: say so rather than silently ignore them
 _UNSUPPORTED = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template")

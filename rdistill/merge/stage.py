@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rdistill import tracking
 from rdistill.config import ConfigError, to_dict
 from rdistill.log import log
 from rdistill.merge.execute import Options, run_step
 from rdistill.merge.plan import PlanError, step_from_dict
 from rdistill.rundir import write_json_atomic
+from rdistill.stage_api import Stage
 
 
 def _resolver(ctx, cand: str, done: dict[str, Path]):
@@ -37,8 +39,9 @@ def _resolver(ctx, cand: str, done: dict[str, Path]):
 
 def run(ctx) -> dict:
     cfg = ctx.cfg
-    if not cfg.merge.candidates:
-        raise ConfigError("merge.candidates is empty: configure at least one (e.g. merge=toy_fusion)")
+    if not cfg.merge.names():
+        raise ConfigError("merge.candidates is empty and merge.search is off: configure a candidate "
+                          "(e.g. merge=toy_fusion) or merge.search.enabled=true")
     opts = Options(shard_size=cfg.merge.shard_size_mb << 20, num_tasks=cfg.merge.num_tasks,
                    seed=cfg.seed, device=cfg.device)
     result: dict = {"candidates": {}}
@@ -49,6 +52,7 @@ def run(ctx) -> dict:
             raise ConfigError(f"merge.candidates.{cand.name}.steps: names must be unique and only the "
                               f"last may be 'final', got {names}")
         counts = {}
+        trk = tracking.current().child("merge", cand.name, to_dict(cand))  # time and memory per step
         for i, step_cfg in enumerate(cand.steps):
             try:
                 step = step_from_dict(to_dict(step_cfg), name=step_cfg.name)
@@ -57,15 +61,35 @@ def run(ctx) -> dict:
             dest = ctx.out / cand.name / step.name
             counts[step.name] = run_step(step, dest, _resolver(ctx, cand.name, done), opts, log.info)
             done[f"{cand.name}/{step.name}"] = dest
+            trk.log({step.name: counts[step.name]})
         final = ctx.out / cand.name / "final"
         if names[-1] != "final":
             os.symlink(names[-1], final)  # relative: survives the stage folder's rename
         done[f"{cand.name}/final"] = final
         result["candidates"][cand.name] = counts
-    first = cfg.merge.candidates[0].name
-    write_json_atomic(ctx.out / "selection.json", {"candidate": first, "path": f"merge/{first}/final"})
+        trk.end()
     steps = [c for cand in result["candidates"].values() for c in cand.values()]
+    if cfg.merge.search.enabled:
+        from rdistill.merge.search_run import run_search
+        result.update(run_search(ctx, opts, ctx.model))
+    first = cfg.merge.names()[0]
+    write_json_atomic(ctx.out / "selection.json", {"candidate": first, "path": f"merge/{first}/final"})
     result.update(selected=first, steps=len(steps), tensors_merged=sum(c["tensors"] for c in steps),
                   bytes_written=sum(c["bytes_written"] for c in steps),
                   seconds=round(sum(c["seconds"] for c in steps), 3))
     return result
+
+
+
+def _search_reads(cfg) -> dict:
+    """The merge search scores candidates on dev: what evaluation reads, it reads too."""
+    if not cfg.merge.search.enabled:
+        return {}
+    return {"search_scoring": {"eval": to_dict(cfg.eval), "sandbox": to_dict(cfg.verify.sandbox),
+                               "device": cfg.device,
+                               "domains": {n: {k: to_dict(getattr(d, k)) for k in
+                                               ("kind", "dev", "system_prompt", "instruction_suffix", "language")}
+                                           for n, d in sorted(cfg.domains.items())}}}
+
+
+STAGE = Stage("merge", run, reads=("merge", "seed", "student"), inputs=("train",), extra=_search_reads)

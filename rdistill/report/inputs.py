@@ -32,6 +32,11 @@ def selection(run_dir: str | Path) -> dict | None:
     return None
 
 
+def search(run_dir: str | Path) -> dict | None:
+    """merge/search.json: the merge search's candidates and their dev scores (None: no search)."""
+    return _json(Path(run_dir) / "merge" / "search.json")
+
+
 def domains(run_dir: str | Path) -> list[str]:
     """Domains in config order (config.json), else in the order results list them."""
     cfg = _json(Path(run_dir) / "config.json") or {}

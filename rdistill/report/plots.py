@@ -26,7 +26,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def accuracy_bars(t: Table, path: Path) -> Path | None:
-    """Grouped bars: pass@1 (%) per column (domains, mean), one bar per model."""
+    """Grouped bars: pass@1 (%) per column (domains, mean), one bar per model, with one
+    standard error either side."""
     if not t.rows:
         return None
     cols = t.columns
@@ -34,12 +35,14 @@ def accuracy_bars(t: Table, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols) + 0.4 * len(t.rows)), 4.6))
     for i, r in enumerate(t.rows):
         vals = [100 * (t.value(r, c) or 0.0) for c in cols]
+        errs = [100 * t.errors.get((r, c), 0.0) for c in cols]
         xs = [j + (i - (len(t.rows) - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(xs, vals, width, label=t.labels.get(r, r))
+        ax.bar(xs, vals, width, yerr=errs, capsize=2, error_kw={"elinewidth": 0.8},
+               label=t.labels.get(r, r))
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("pass@1 (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Accuracy per domain")
+    ax.set_title("Accuracy per domain (± one standard error)")
     ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     return _save(fig, path)
 
@@ -76,7 +79,8 @@ def loss_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path)
 
 
 def funnel_bars(funnels: Mapping[str, Sequence[tuple[str, int]]], path: Path) -> Path | None:
-    """Per domain, how many samples are left after each verification step."""
+    """Per domain, how many samples are left after each verification step, in pipeline order
+    (generated at the top, kept at the bottom)."""
     funnels = {d: f for d, f in funnels.items() if f}
     if not funnels:
         return None

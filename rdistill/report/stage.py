@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rdistill.report import inputs, plots
-from rdistill.report.table import (build_table, details_markdown, to_markdown, to_text,
-                                   verdict_markdown)
+from rdistill.report.table import build_table, details_markdown, to_markdown, to_text
+from rdistill.report.verdict import method_verdict, verdict_markdown
+from rdistill.stage_api import Stage
 
 TABLE_START, TABLE_END = "<!-- table:text -->", "<!-- /table:text -->"
 
@@ -33,6 +34,8 @@ def labels_for(run_dir: str | Path, models: list[str]) -> dict[str, str]:
             out[m] = f"teacher ({cfg['teacher']['name']})"
         elif m == "base" and cfg.get("student", {}).get("name"):
             out[m] = f"base ({cfg['student']['name']})"
+        elif m == "mixture":
+            out[m] = "mixture (all SFT sets)"
     return out
 
 
@@ -64,6 +67,43 @@ def _selection_md(sel: dict | None, doms: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _search_md(srch: dict | None, sel: dict | None, t) -> str:
+    """The merge search: every candidate's dev score at the last rung it reached, the chosen
+    recipe, and how far it is above the best fixed recipe on dev and on test."""
+    if not srch:
+        return "(no merge search in this run)"
+    rungs = [r["dev_prompts_per_domain"] for r in srch["rungs"]]
+    lines = [f"Chosen: **{srch['chosen']}**, {srch['label']} (recipe: `merge/search/recipe.yaml`); "
+             f"{len(srch['candidates'])} candidates, successive halving over {len(rungs)} rung(s) of "
+             f"{', '.join(map(str, rungs))} dev prompts per domain, {srch['engine_starts']} engine start(s), "
+             f"{srch['seconds']:.0f} s.", "",
+             "| candidate | recipe | dev prompts | dev objective |", "|---|---|---:|---:|"]
+    for c in sorted(srch["candidates"], key=lambda c: (-max(map(int, c["objective"])), -max(c["objective"].values()))):
+        k = str(max(map(int, c["objective"])))
+        mark = " (chosen)" if c["name"] == srch["chosen"] else ""
+        lines.append(f"| {c['name']}{mark} | {c['label']} | {k} | {100 * c['objective'][k]:.1f} |")
+    fixed = [n for n in (sel or {}).get("scores", {}) if n != "search"]
+    if fixed and "search" in (sel or {}).get("scores", {}):
+        dev = sel["scores"]
+        best = max(fixed, key=lambda n: dev[n]["objective"])
+        gap_dev = dev["search"]["objective"] - dev[best]["objective"]
+        test_s, test_b = t.value("merge:search", "mean"), t.value(f"merge:{best}", "mean")
+        gap_test = "-" if None in (test_s, test_b) else f"{100 * (test_s - test_b):+.1f}"
+        lines += ["", f"Against the best fixed recipe ({best}): {100 * gap_dev:+.1f} on dev (the evaluate "
+                      f"stage's dev split), {gap_test} on test (mean pass@1 x 100)."]
+    return "\n".join(lines)
+
+
+def _unjudged(res: list[dict]) -> list[str]:
+    """Samples left out of pass@1 because the verifier could not judge them, said out loud."""
+    bad = [r for r in res if r.get("n_infra")]
+    if not bad:
+        return []
+    return [f"**Not judged:** {sum(r['n_infra'] for r in bad)} sample(s) could not be scored (code sandbox "
+            "failure or a machine too busy to run the program in time, on every retry) and are left out of "
+            "pass@1: " + ", ".join(f"{r['model']}/{r['domain']}: {r['n_infra']}" for r in bad) + ".", ""]
+
+
 def build_report(run_dir: str | Path, out: str | Path) -> dict:
     """Write report.md and its PNGs into `out` from the artifacts of `run_dir`."""
     out = Path(out)
@@ -71,9 +111,12 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
     res = inputs.results(run_dir)
     doms = inputs.domains(run_dir)
     models = [r["model"] for r in res]
-    t = build_table(res, doms, labels_for(run_dir, models))
+    # columns: the branches' domains, then any extra test set (math/aime25) beside them
+    extra = [d for d in dict.fromkeys(r["domain"] for r in res) if d not in doms]
+    t = build_table(res, doms + extra, labels_for(run_dir, models))
     sel = inputs.selection(run_dir)
     merged = f"merge:{sel['candidate']}" if sel else next((m for m in t.rows if m.startswith("merge:")), None)
+    verdict = method_verdict(res, doms, merged) if merged else None
     funnels = inputs.funnels(run_dir)
     lengths = inputs.sft_lengths(run_dir, doms)
     curves = inputs.loss_curves(run_dir, doms)
@@ -94,10 +137,11 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
         "## Results", "",
         f"pass@1 x 100 on each domain's test split, averaged over n = {', '.join(map(str, n))} samples "
         "per prompt; **bold**: best student model per column (the teacher is the reference).", "",
-        to_markdown(t), "",
+        to_markdown(t), "", *_unjudged(res),
         TABLE_START, "```text", text, "```", TABLE_END, "",
         "## Merge choice", "", _selection_md(sel, doms), "",
-        "## Did the method hold?", "", verdict_markdown(t, merged) if merged else "(no merged model)", "",
+        "## Merge search", "", _search_md(inputs.search(run_dir), sel, t), "",
+        "## Did the method hold?", "", verdict_markdown(verdict) if verdict else "(no merged model)", "",
         "## Details", "", details_markdown(res, doms), "",
         img("accuracy", "accuracy per domain"), "",
         "## Verification funnel", "", _funnel_md(funnels), "", img("funnel", "verification funnel"), "",
@@ -108,7 +152,8 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
     ]
     (out / "report.md").write_text("\n".join(md))
     return {"table": text, "rows": len(t.rows), "domains": len(doms), "merged": merged,
-            "plots": sorted(k for k, v in pngs.items() if v)}
+            "plots": sorted(k for k, v in pngs.items() if v),
+            "method": verdict.to_dict() if verdict else None}
 
 
 def table_from_report(path: str | Path) -> str | None:
@@ -125,3 +170,7 @@ def table_from_report(path: str | Path) -> str | None:
 
 def run(ctx) -> dict:
     return build_report(ctx.run.root, ctx.out)
+
+
+# Reads only the artifacts of the stages before it.
+STAGE = Stage("report", run, inputs=("evaluate", "verify", "train", "generate", "merge"))

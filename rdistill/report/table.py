@@ -35,6 +35,8 @@ class Table:
     """(model, domain) -> pass@1 in [0, 1]; domain 'mean' is the mean over domains."""
     labels: dict[str, str] = field(default_factory=dict)
     """Display names of rows (e.g. 'merge:fusion (chosen)')."""
+    errors: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(model, domain) -> standard error of the cell (the mean's: domains' errors combined)."""
 
     @property
     def columns(self) -> list[str]:
@@ -58,10 +60,12 @@ def build_table(results: list[dict], domains: Sequence[str] | None = None,
     for r in results:
         if r["domain"] in doms:
             t.cells[(r["model"], r["domain"])] = float(r["pass_at_1"])
+            t.errors[(r["model"], r["domain"])] = float(r.get("stderr") or 0.0)
     for m in t.rows:
         vals = [t.cells.get((m, d)) for d in doms]
         if vals and all(v is not None for v in vals):
             t.cells[(m, "mean")] = sum(vals) / len(vals)
+            t.errors[(m, "mean")] = math.sqrt(sum(t.errors.get((m, d), 0.0) ** 2 for d in doms)) / len(doms)
     return t
 
 
@@ -109,39 +113,4 @@ def details_markdown(results: list[dict], domains: Sequence[str] = ()) -> str:
         se = "-" if r.get("stderr") is None else f"{100 * r['stderr']:.1f}"
         lines.append(f"| {r['model']} | {r['domain']} | {r['n_prompts']} | {r['n_samples']} | "
                      f"{_fmt(r['pass_at_1'])} | {se} | {r.get('n_errors', 0)} | {r.get('n_infra', 0)} |")
-    return "\n".join(lines)
-
-
-def gain_kept(t: Table, merged: str) -> dict[str, dict]:
-    """Per domain: base, own branch and merged scores, and the share of the branch's gain over
-    the base that the merged model keeps ((merged - base) / (branch - base); None when the
-    branch did not gain)."""
-    out = {}
-    for d in t.domains:
-        base, br, mg = t.value("base", d), t.value(f"branch:{d}", d), t.value(merged, d)
-        if None in (base, br, mg):
-            continue
-        gain = br - base
-        out[d] = dict(base=base, branch=br, merged=mg, beats_base=mg > base,
-                      kept=(mg - base) / gain if gain > 1e-12 else None)
-    return out
-
-
-def verdict_markdown(t: Table, merged: str) -> str:
-    """The method's two claims on this run: the merge beats the base on every domain, and it
-    keeps most of each branch's gain on the branch's own domain."""
-    g = gain_kept(t, merged)
-    if not g:
-        return f"(no base/branch/{merged} scores to compare)"
-    lines = [f"| domain | base | own branch | {merged} | beats base | branch gain kept |",
-             "|---|---:|---:|---:|:---:|---:|"]
-    for d, x in g.items():
-        kept = "-" if x["kept"] is None else f"{100 * x['kept']:.0f}%"
-        lines.append(f"| {d} | {_fmt(x['base'])} | {_fmt(x['branch'])} | {_fmt(x['merged'])} | "
-                     f"{'yes' if x['beats_base'] else 'no'} | {kept} |")
-    beats = all(x["beats_base"] for x in g.values())
-    keeps = all(x["kept"] is None or x["kept"] >= 0.5 for x in g.values())
-    lines.append("")
-    lines.append(f"Merged beats the base on every domain: **{'yes' if beats else 'no'}**. "
-                 f"Keeps at least half of each branch's gain: **{'yes' if keeps else 'no'}**.")
     return "\n".join(lines)

@@ -55,12 +55,11 @@ class ServeSpec:
 
     @classmethod
     def from_config(cls, sc: ServeConfig, model: str, served_name: str, device: str) -> "ServeSpec":
-        return cls(model=model, served_name=served_name, device=device,
-                   min_replicas=sc.min_replicas, max_replicas=sc.max_replicas,
-                   target_ongoing_requests=sc.target_ongoing_requests, host=sc.host, port=sc.port,
-                   api_key=api_key_from_env(sc.api_key_env), max_model_len=sc.max_model_len,
-                   dtype=sc.dtype, tensor_parallel_size=sc.tensor_parallel_size,
-                   reasoning_parser=sc.reasoning_parser, engine_kwargs=dict(sc.engine_kwargs))
+        """The serve section's settings (every field the two share by name), plus the resolved
+        model, name and the key read from the environment."""
+        from rdistill.config.fields import shared_fields
+        return shared_fields(sc, cls, model=model, served_name=served_name, device=device,
+                             api_key=api_key_from_env(sc.api_key_env))
 
 
 def api_key_from_env(name: Optional[str]) -> Optional[str]:

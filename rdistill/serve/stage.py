@@ -14,7 +14,7 @@ import threading
 import time
 
 from rdistill.log import log
-from rdistill.pipeline import StageContext
+from rdistill.stage_api import Stage, StageContext
 from rdistill.serve.app import ServeSpec, deploy, undeploy
 
 
@@ -54,3 +54,8 @@ def serve_forever(spec: ServeSpec) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+# An action, not an artifact: serve.model may be a path, an HF id or any reference; the stage
+# resolves it and says which stage to run when it is missing, so no input is required up front.
+STAGE = Stage("serve", run, reads=("serve",), cached=False)

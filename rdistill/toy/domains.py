@@ -38,6 +38,14 @@ class Problem:
     gold: str | None = None
     tests: str | None = None
     entry_point: str | None = None
+    flawed: str | None = None
+    """The same trace with one slip that carries through to a wrong answer (a digit sum off by
+    one, a wrong constant, a comparison the wrong way round): what a partly skilled model writes."""
+
+
+def _slip_rng(domain: str, key: str) -> random.Random:
+    """Where the slip goes: drawn from the problem itself, so the problem stream is unchanged."""
+    return random.Random(f"slip|{domain}|{key}")
 
 
 def split_of(domain: str, key: str) -> str:
@@ -55,25 +63,35 @@ MATH_TEMPLATES = [
 ]
 
 
-def add_scratchpad(a: int, b: int) -> str:
-    """Digit-by-digit addition, least significant digit first, with the carry written out."""
-    steps, carry = [], 0
+def add_scratchpad(a: int, b: int, slip: tuple[int, int] | None = None) -> tuple[str, int]:
+    """Digit-by-digit addition, least significant digit first, with the carry written out; the
+    answer the steps lead to. `slip` = (step, +1 or -1): that step's sum is written off by one
+    and the carry follows it, as a person's slip would."""
+    steps, carry, total = [], 0, 0
     da, db = str(a)[::-1], str(b)[::-1]
-    for i in range(max(len(da), len(db))):
+    n = max(len(da), len(db))
+    for i in range(n):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
+        if slip and slip[0] == i:
+            s = s + slip[1] if s + slip[1] >= 0 else s + 1
         steps.append(f"{x}+{y}+{carry}={s}")
+        total += (s % 10 if i < n - 1 else s) * 10 ** i
         carry = s // 10
-    return " ; ".join(steps)
+    return " ; ".join(steps), total
 
 
 def math_problem(rng: random.Random) -> Problem:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     t = rng.randrange(len(MATH_TEMPLATES))
     prompt = MATH_TEMPLATES[t].format(n=rng.choice(NAMES), a=a, b=b, it=rng.choice(ITEMS))
-    completion = f"<think>{add_scratchpad(a, b)}</think> The answer is \\boxed{{{a + b}}}."
-    return Problem(key=f"{a}+{b}", prompt=prompt, completion=completion, gold=str(a + b))
+    pad, total = add_scratchpad(a, b)
+    completion = f"<think>{pad}</think> The answer is \\boxed{{{total}}}."
+    srng = _slip_rng("math", f"{a}+{b}")
+    bad, wrong = add_scratchpad(a, b, (srng.randrange(2), srng.choice([-1, 1])))
+    flawed = f"<think>{bad}</think> The answer is \\boxed{{{wrong}}}."
+    return Problem(key=f"{a}+{b}", prompt=prompt, completion=completion, gold=str(a + b), flawed=flawed)
 
 
 # ---------------------------------------------------------------- code
@@ -100,15 +118,22 @@ def code_problem(rng: random.Random) -> Problem:
     prompt = f"Write a Python function {name}(x) that {desc}."
     ref = f"def {name}(x):\n    return {expr}\n"
     completion = f"<think>{' ; '.join(steps)}</think>\n```python\n{ref}```"
+    key = "|".join(f"{o}:{k}" for o, k in ops)
+    srng = _slip_rng("code", key)  # one constant off by one, in the reasoning and the program
+    j, d = srng.randrange(len(ops)), srng.choice([-1, 1])
+    e2, s2 = "x", []
+    for i, (o, k) in enumerate(ops):
+        e2 = CODE_OPS[o][1](e2, k + d if i == j else k)  # k >= 2: k - 1 is still a positive constant
+        s2.append(e2)
+    flawed = f"<think>{' ; '.join(s2)}</think>\n```python\ndef {name}(x):\n    return {e2}\n```"
     tests = []
     for x in (0, 3, 7, 12):
         v = x
         for o, k in ops:
             v = CODE_OPS[o][2](v, k)
         tests.append(f"assert {name}({x}) == {v}")
-    key = "|".join(f"{o}:{k}" for o, k in ops)
     return Problem(key=key, prompt=prompt, completion=completion, gold=ref,
-                   tests="\n".join(tests), entry_point=name)
+                   tests="\n".join(tests), entry_point=name, flawed=flawed)
 
 
 # ---------------------------------------------------------------- science
@@ -140,19 +165,29 @@ def science_problem(rng: random.Random) -> Problem:
     # Why a running comparison: a 1M-parameter model cannot pick the max of four numbers in one
     # token (the first teacher stayed at chance), but it can compare two aligned 4-digit numbers
     # (zero-padded; digits are single tokens) and carry the winner to the next comparison.
-    best = 0
-    for i in range(1, 4):
-        a, b = values[best], values[i]
-        steps.append(f"{LETTERS[best]} {a:04d} {'<' if a < b else '>'} {LETTERS[i]} {b:04d}")
-        if (b > a) == want_max:
-            best = i
     adj = most if want_max else least
     options = " ".join(f"{LETTERS[i]}) {s}" for i, s in enumerate(shown))
     prompt = f"Which is the {adj}? {options}"
-    completion = (f"<think>{' ; '.join(steps)} ; {adj}: {LETTERS[best]}</think> "
-                  f"Answer: {LETTERS[best]}")
     key = f"{big}|{int(want_max)}|" + ",".join(shown)
-    return Problem(key=key, prompt=prompt, completion=completion, gold=LETTERS[best])
+
+    def compare(flip: int | None) -> tuple[list[str], int]:
+        """The running comparison; `flip`: that comparison is written the wrong way round and
+        the wrong option carried on."""
+        out, best = [], 0
+        for i in range(1, 4):
+            a, b = values[best], values[i]
+            lt = (a < b) != (i == flip)
+            out.append(f"{LETTERS[best]} {a:04d} {'<' if lt else '>'} {LETTERS[i]} {b:04d}")
+            if lt == want_max:
+                best = i
+        return out, best
+    cmp, best = compare(None)
+    # the slip is in the comparison where the true answer enters (or, for A, its first one), so
+    # it is knocked out and the answer comes out wrong
+    bad, wrong = compare(max(best, 1))
+    think = lambda c, b: f"<think>{' ; '.join(steps + c)} ; {adj}: {LETTERS[b]}</think> Answer: {LETTERS[b]}"  # noqa: E731
+    return Problem(key=key, prompt=prompt, completion=think(cmp, best), gold=LETTERS[best],
+                   flawed=think(bad, wrong))
 
 
 GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
@@ -189,12 +224,15 @@ def records(domain: str, split: str, n: int, seed: int) -> list[dict]:
     return out
 
 
-def traces(domain: str, n: int, seed: int) -> list[dict]:
-    """`n` training-split SFT rows with the correct trace (teacher pretraining data):
-    {id, messages: [user prompt, assistant completion]}."""
+def traces(domain: str, n: int, seed: int, slip_rate: float = 0.0) -> list[dict]:
+    """`n` training-split SFT rows: {id, messages: [user prompt, assistant completion]}. The
+    correct trace (the teacher's data), or with probability `slip_rate` the trace with one slip
+    that makes the answer wrong (a partly skilled student's data)."""
     out = []
+    pick = random.Random(f"{seed}|{domain}|slips")
     for i, p in zip(range(n), problems(domain, "train", seed, unique=False)):
+        text = p.flawed if slip_rate and pick.random() < slip_rate else p.completion
         out.append({"id": f"trace-{domain}-{i:06d}",
                     "messages": [{"role": "user", "content": p.prompt},
-                                 {"role": "assistant", "content": p.completion}]})
+                                 {"role": "assistant", "content": text}]})
     return out

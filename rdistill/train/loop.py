@@ -1,9 +1,12 @@
 """The per-worker training function of a branch's TorchTrainer: DeepSpeed SFT on packed rows.
 
 Ray Train starts `num_workers` of these with a process group set up (gloo on CPU, nccl on GPU);
-DeepSpeed reuses it. Every worker reads the same packed-rows file and takes its own slice of each
-optimizer step's rows, so data order depends only on (seed, step) and a resumed run continues
-exactly where its checkpoint says. Checkpoints (DeepSpeed state of every rank, plus the step and
+DeepSpeed reuses it. Every worker memory-maps the same packed-rows directory and reads only its
+own slice of each optimizer step's rows, so data order depends only on (seed, step) and a resumed
+run continues exactly where its checkpoint says. With train.sequence_parallel_size = sp, the sp
+workers of a group read the same rows and each trains on its slice of the tokens
+(rdistill.train.sequence_parallel); the loss never builds the whole logits
+(rdistill.train.chunked_loss). Checkpoints (DeepSpeed state of every rank, plus the step and
 the metric history) go through `ray.train.report`; the last report carries the HF model instead.
 """
 
@@ -28,7 +31,11 @@ def ds_config(tc: dict, bf16: bool) -> dict:
     zero: dict = {"stage": tc["zero_stage"]}
     if tc["zero_stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for the HF save
-    return {
+        zero["reduce_scatter"] = True  # the gradient averaging sequence_parallel.grad_scale assumes
+    sp = tc.get("sequence_parallel_size", 1)
+    # Read by DeepSpeed where no mpu is passed (HF's ZeRO-3 loading): batch = per-replica counts.
+    extra = {"sequence_parallel_size": sp} if sp > 1 else {}
+    return {**extra,
         "train_micro_batch_size_per_gpu": tc["micro_batch_size"],
         "gradient_accumulation_steps": tc["grad_accum"],
         "gradient_clipping": tc["grad_clip"],
@@ -76,7 +83,9 @@ def train_loop(config: dict) -> None:
 
     from rdistill.data.packing import PackedRows, step_rows
     from rdistill.data.sft import IGNORE
-    from rdistill.train.forward import token_losses
+    from rdistill.train.chunked_loss import liger_available
+    from rdistill.train.forward import loss_sum
+    from rdistill.train.sequence_parallel import grad_scale, setup_ulysses, shard
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -103,6 +112,9 @@ def train_loop(config: dict) -> None:
     bf16 = config["bf16"]
     dsc = ds_config(tc, bf16)
     deepspeed.init_distributed()  # wraps Ray Train's process group (ZeRO-3 loading needs it first)
+    sp = tc.get("sequence_parallel_size", 1)  # .get: a driver started before these settings
+    # SP groups and the Ulysses attention wrapper, before the model exists (ZeRO-3 loads into it).
+    mpu = setup_ulysses(config["model_dir"], config["attn"], sp) if sp > 1 else None
     keep = None
     if tc["zero_stage"] == 3:  # partition weights while loading instead of a full copy per rank
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
@@ -116,7 +128,7 @@ def train_loop(config: dict) -> None:
     model.config.use_cache = False
     warmup = int(round(tc["warmup_ratio"] * total))
     engine, _, _, sched = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=dsc,
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=dsc, mpu=mpu,
         lr_scheduler=lambda opt: get_scheduler(tc["scheduler"], opt, num_warmup_steps=warmup,
                                                num_training_steps=total))
     del keep
@@ -127,9 +139,16 @@ def train_loop(config: dict) -> None:
         state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
 
     say(f"rank 0 of {world}: model and DeepSpeed ready in {time.perf_counter() - t_start:.1f}s")
-    rows = PackedRows(config["data_file"])
+    rows = PackedRows(config["data_file"])  # memory-mapped: this rank reads only its rows
     mb, ga = tc["micro_batch_size"], tc["grad_accum"]
     per_rank = mb * ga
+    dp_rank, dp_world, sp_rank = rank // sp, world // sp, rank % sp
+    # One (1, T) row per micro-batch for FA2's varlen path and for SP (padded to a multiple of sp).
+    flat = sp > 1 or config["attn"] == "flash_attention_2"
+    chunk, scale = tc.get("loss_chunk_tokens", 4096), grad_scale(sp, tc["zero_stage"])
+    kernel = "liger" if gpu and chunk and liger_available() else "chunked"
+    loss_how = "full logits" if not chunk else "Liger fused" if kernel == "liger" else f"{chunk}-token chunks"
+    say(f"loss: {loss_how}, attention {config['attn']}, sequence parallel {sp}, {dp_world} data-parallel replica(s)")
     progress = Path(config["progress_file"]) if config.get("progress_file") and rank == 0 else None
     engine.train()
     for step in range(state["step"], total):
@@ -139,15 +158,19 @@ def train_loop(config: dict) -> None:
                 Path(f["once_file"]).touch()
                 os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
-        mine = step_rows(len(rows), step, per_rank * world, tc["seed"])[rank * per_rank:(rank + 1) * per_rank]
+        mine = step_rows(len(rows), step, per_rank * dp_world, tc["seed"])[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         stats = torch.zeros(4, dtype=torch.float64)  # loss sum, loss tokens, real tokens, padded tokens
         for m in range(ga):
-            b = rows.batch(mine[m * mb:(m + 1) * mb], config["pad_id"])
-            tl = token_losses(engine, b)
-            n = (b["targets"] != IGNORE).sum()
-            engine.backward(tl.sum() / n)
+            b = rows.batch(mine[m * mb:(m + 1) * mb], config["pad_id"], flat=flat, multiple=sp)
+            n = (b["targets"] != IGNORE).sum()  # of the whole row: SP slices sum to the row's mean
+            if sp > 1:
+                b = shard(b, sp_rank, sp)
+            ls = loss_sum(engine, b, chunk, kernel)
+            engine.backward(ls * scale / n)
             engine.step()
-            stats += torch.tensor([tl.detach().sum().item(), n.item(), b["tokens"], b["padded"]], dtype=torch.float64)
+            lead = float(sp_rank == 0)  # count a group's row once
+            stats += torch.tensor([ls.detach().item(), lead * n.item(), lead * b["tokens"], lead * b["padded"]],
+                                  dtype=torch.float64)
         dist.all_reduce(stats)
         dt = time.perf_counter() - t0
         state["train_time_s"] += dt
@@ -162,6 +185,9 @@ def train_loop(config: dict) -> None:
         if (step + 1) % config["log_every"] == 0 or step + 1 == total:
             say(f"step {step + 1}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                 f"{rec['tokens_per_s']:.0f} tok/s")
+        if step + 1 in tc.get("save_steps", ()) and step + 1 < total:
+            _save_hf(engine, config["model_dir"], Path(config["snapshots"]) / f"step-{step + 1}", rank, bf16)
+            say(f"snapshot of step {step + 1} written")
         if (step + 1) % tc["checkpoint_every"] == 0 and step + 1 < total:
             tmp = Path(tempfile.mkdtemp(prefix="rdistill-ckpt-"))
             engine.save_checkpoint(str(tmp), tag=DS_TAG)  # every rank writes its shards

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rdistill.config import TrainConfig
 from rdistill.data.packing import build_rows, padding_share, save_rows, step_rows
-from rdistill.data.sft import SFTDataError, tokenize_files
+from rdistill.data.sft import SFTDataError, check_tokenizer, tokenize_files
 from rdistill.log import log
 
 CURVE_POINTS = 200  # loss-curve points kept in the returned metrics (the full curve is in metrics.jsonl)
@@ -34,7 +34,8 @@ def resolve_precision(precision: str, device: str) -> bool:
 
 
 def _attn(device: str) -> str:
-    """flash-attention-2 where installed on GPUs, else sdpa; both honour position-id resets."""
+    """flash-attention-2 where installed on GPUs, else sdpa; both honour position-id resets
+    (FA2 through its varlen kernel on a one-row batch, see rdistill.train.forward)."""
     if device == "gpu":
         try:
             import flash_attn  # noqa: F401
@@ -45,31 +46,48 @@ def _attn(device: str) -> str:
 
 
 def prepare_data(model_dir: str, sft_files: list[str], cfg: TrainConfig, data_file: Path) -> dict:
-    """Check the student and tokenize, filter and pack the SFT set into `data_file`; raises
-    SFTDataError before any training when the set, the tokenizer or max_len cannot work."""
+    """Check the student and tokenize, filter and pack the SFT set into the rows directory
+    `data_file`; raises SFTDataError (ConfigError for a sequence_parallel_size the student
+    cannot split) before any training when the set, the tokenizer or max_len cannot work."""
     from transformers import AutoConfig, AutoTokenizer
     from rdistill.data.chat_template import apply_chat_template_override
+    from rdistill.data.tokenize_ray import tokenize_and_pack, use_ray_data
+    from rdistill.train.sequence_parallel import check_sequence_parallel
     try:
         tok = apply_chat_template_override(AutoTokenizer.from_pretrained(model_dir), cfg.chat_template)
     except ValueError as e:
         raise SFTDataError(str(e)) from None
-    limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    mc = AutoConfig.from_pretrained(model_dir)
+    limit = getattr(mc, "max_position_embeddings", None)
     if limit is not None and cfg.max_len > limit:
         raise SFTDataError(f"train.max_len={cfg.max_len} is more than the student {model_dir} can hold "
                            f"(max_position_embeddings={limit}): lower train.max_len")
-    samples, st = tokenize_files(tok, sft_files, cfg.max_len)
-    rows = build_rows(samples, cfg.max_len, cfg.packing)
+    check_sequence_parallel(cfg.sequence_parallel_size, cfg.num_workers, mc)
+    data_file = Path(data_file)
     data_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = data_file.with_name(f".{data_file.stem}.tmp-{os.getpid()}.npz")
-    counts = save_rows(tmp, samples, rows)
+    tmp = data_file.with_name(f".{data_file.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if use_ray_data(cfg.tokenize_with_ray_data, list(sft_files)):
+        check_tokenizer(tok)
+        lens, rows, st = tokenize_and_pack(str(Path(model_dir).absolute()), cfg.chat_template, list(sft_files),
+                                           cfg.max_len, cfg.packing, tmp)
+    else:
+        samples, st = tokenize_files(tok, sft_files, cfg.max_len)
+        rows = build_rows(samples, cfg.max_len, cfg.packing)
+        save_rows(tmp, samples, rows)
+        lens = [len(s.input_ids) for s in samples]
+        del samples
+    if data_file.is_dir():
+        shutil.rmtree(data_file)
+    elif data_file.exists():
+        data_file.unlink()
     os.replace(tmp, data_file)
     # Padding share of both layouts in the same shuffled order, for the report.
-    lens = [len(s.input_ids) for s in samples]
-    packed = [sum(lens[i] for i in r) for r in build_rows(samples, cfg.max_len, True)]
+    packed = [sum(lens[i] for i in r) for r in build_rows(lens, cfg.max_len, True)]
     order = lambda xs: [xs[i] for i in step_rows(len(xs), 0, len(xs), cfg.seed)]  # noqa: E731
     return {"samples": st.samples, "kept": st.kept, "dropped_too_long": st.dropped_too_long,
             "no_assistant_tokens": st.no_assistant_tokens, "tokens": st.tokens,
-            "loss_tokens": st.loss_tokens, "longest": st.longest, "rows": counts["rows"],
+            "loss_tokens": st.loss_tokens, "longest": st.longest, "rows": len(rows),
             "padding_share_packed": round(padding_share(order(packed), cfg.micro_batch_size), 4),
             "padding_share_unpacked": round(padding_share(order(lens), cfg.micro_batch_size), 4),
             "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
@@ -93,9 +111,10 @@ def prepare_sft(model_dir: str, sft_files: list[str], out_dir: str, cfg: TrainCo
                 name: str = "sft", storage_dir: str | None = None) -> PreparedSFT:
     """Everything before training: fails with a one-line SFTDataError on a bad set or student."""
     storage = Path(storage_dir or tempfile.mkdtemp(prefix="rdistill-train-")).absolute()
-    data_file = storage / f"{name}-rows.npz"
+    data_file = storage / f"{name}-rows"  # a directory of memory-mapped .npy files
     data = prepare_data(model_dir, list(sft_files), cfg, data_file)
-    per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers
+    # Ranks of one sequence-parallel group train on the same rows: num_workers / sp replicas.
+    per_step = cfg.micro_batch_size * cfg.grad_accum * (cfg.num_workers // cfg.sequence_parallel_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * data["rows"] / per_step))
     return PreparedSFT(str(Path(model_dir).absolute()), out_dir, cfg, device, name, storage, data_file,
                        data, total)
@@ -133,7 +152,8 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
                 "train": dataclasses.asdict(cfg), "total_steps": total, "device": device, "bf16": bf16,
                 "attn": _attn(device), "pad_id": data["pad_id"], "log_every": max(1, total // 20),
                 "progress_file": str(job.storage / f"{name}-progress.jsonl"), "faults": _fault or [],
-                "snapshot": str(job.storage / name / "checkpoint_manager_snapshot.json")}
+                "snapshot": str(job.storage / name / "checkpoint_manager_snapshot.json"),
+                "snapshots": str(job.storage / f"{name}-snapshots")}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, scaling_config=ScalingConfig(**train_scaling(device, cfg)),
         run_config=RunConfig(name=name, storage_path=str(job.storage),
@@ -152,6 +172,8 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
     with (tmp / "metrics.jsonl").open("w") as f:
         for rec in state["history"]:
             f.write(json.dumps(rec) + "\n")
+    if cfg.save_steps:  # written by the workers as they passed those steps (kept across resumes)
+        shutil.copytree(job.storage / f"{name}-snapshots", tmp / "snapshots")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

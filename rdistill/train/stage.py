@@ -10,34 +10,51 @@ so rerunning the stage after a crash continues each branch from its last checkpo
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 
-from rdistill.config import branch_train_config
+from rdistill import tracking
+from rdistill.config import branch_train_config, to_dict
 from rdistill.log import log
-from rdistill.pipeline import StageContext
+from rdistill.parallel import run_at_most
+from rdistill.stage_api import Stage, StageContext
 from rdistill.topology import init_ray
+from rdistill.refs import MIXTURE
 from rdistill.train.sft import fit_sft, prepare_sft
 
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     base = ctx.model(cfg.student.base)
+    init_ray(cfg.ray)  # before preparing: tokenizing a large SFT set runs as a Ray Data job
     jobs = {}
-    for dom in sorted(cfg.domains):
-        sft = ctx.run.stage_dir("verify") / f"{dom}.jsonl"
-        jobs[dom] = prepare_sft(base, [str(sft)], str(ctx.out / dom), branch_train_config(cfg, dom),
+    sets = {dom: str(ctx.run.stage_dir("verify") / f"{dom}.jsonl") for dom in sorted(cfg.domains)}
+    for dom, sft in sets.items():
+        jobs[dom] = prepare_sft(base, [sft], str(ctx.out / dom), branch_train_config(cfg, dom),
                                 device=cfg.device, name=f"branch-{dom}", storage_dir=str(ctx.work / dom))
-    init_ray(cfg.ray)
-    log.info("train: %d branch(es) from %s: %s", len(jobs), base,
+    if cfg.train.mixture_baseline:
+        # The reviewer's first question: one student on everything, for as many optimizer
+        # steps as the branches take together.
+        steps = sum(j.total_steps for j in jobs.values())
+        jobs[MIXTURE] = prepare_sft(base, list(sets.values()), str(ctx.out / MIXTURE),
+                                    dataclasses.replace(cfg.train, max_steps=steps), device=cfg.device,
+                                    name=MIXTURE, storage_dir=str(ctx.work / MIXTURE))
+    log.info("train: %d student(s) from %s: %s", len(jobs), base,
              ", ".join(f"{d} ({j.data['kept']} samples, {j.total_steps} steps)" for d, j in jobs.items()))
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="branch") as pool:
-        futures = {dom: pool.submit(fit_sft, job) for dom, job in jobs.items()}
-        errors, results = {}, {}
-        for dom, fut in futures.items():
-            try:
-                results[dom] = fut.result()
-            except Exception as e:  # let the other branches finish (their checkpoints stay)
-                errors[dom] = e
+    # live loss curves: a driver thread tails each branch's rank-0 progress file into its tracking run
+    tail = tracking.tail_progress("train", {d: (j.storage / f"{j.name}-progress.jsonl",
+                                                {**to_dict(j.cfg), "kept_samples": j.data["kept"],
+                                                 "total_steps": j.total_steps}) for d, j in jobs.items()})
+    def fit(job):
+        try:
+            return fit_sft(job), None
+        except Exception as e:  # noqa: BLE001 (the other branches finish; their checkpoints stay)
+            return None, e
+    # Every branch at once: each asks Ray for its workers, so they run side by side when the
+    # cluster has room and queue when it does not.
+    outcome = dict(zip(jobs, run_at_most(len(jobs), [lambda j=j: fit(j) for j in jobs.values()], name="branch")))
+    results = {d: r for d, (r, e) in outcome.items() if e is None}
+    errors = {d: e for d, (r, e) in outcome.items() if e is not None}
+    tail.stop(results)
     if errors:
         dom, err = next(iter(errors.items()))
         raise RuntimeError(f"branch {dom} failed ({type(err).__name__}: {err}); rerun the stage to "
@@ -48,3 +65,9 @@ def run(ctx: StageContext) -> dict:
         out[f"{dom}_tokens_per_s"] = m["tokens_per_s"]
     out["per_branch"] = results
     return out
+
+
+# The branches (and the mixture baseline) from the student base on the verified SFT sets.
+STAGE = Stage("train", run, reads=("train", "student", "device"), inputs=("verify",),
+              domains_ignored=("train", "extra_train", "dev", "test", "extra_test", "system_prompt",
+                               "instruction_suffix", "eval_samples", "require_correct", "language", "kind"))

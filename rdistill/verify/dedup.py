@@ -15,7 +15,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-_TOKENS = re.compile(r"\w+|[^\w\s]")
+from rdistill.prompts.text import words as split_words
+
 SHINGLE = 5  # tokens per shingle for near-duplicate detection
 NUM_PERM, BANDS = 128, 16  # 16 bands x 8 rows: pairs above ~0.7 Jaccard almost always meet
 _PRIME = (1 << 31) - 1  # hashes and coefficients below 2^31 keep a*x+b inside uint64
@@ -39,7 +40,7 @@ class ContaminationIndex:
         self.n = n
         self.grams: dict[int, set[str]] = defaultdict(set)  # length -> joined n-grams
         for t in texts:
-            words = _TOKENS.findall((t or "").lower())
+            words = split_words(t)
             k = min(n, len(words))
             if k:
                 self.grams[k].update(" ".join(words[i:i + k]) for i in range(len(words) - k + 1))
@@ -50,7 +51,7 @@ class ContaminationIndex:
 
     def match(self, text: str) -> Optional[str]:
         """The first shared n-gram, or None."""
-        words = _TOKENS.findall((text or "").lower())
+        words = split_words(text)
         for k, grams in self.grams.items():
             for i in range(len(words) - k + 1):
                 g = " ".join(words[i:i + k])
@@ -67,7 +68,7 @@ def exact_key(prompt: str, completion: str) -> str:
 
 def minhash(text: str) -> list[int]:
     """MinHash signature over token 5-shingles of a sample (prompt and answer together)."""
-    toks = _TOKENS.findall((text or "").lower())
+    toks = split_words(text)
     shingles = {" ".join(toks[i:i + SHINGLE]) for i in range(max(1, len(toks) - SHINGLE + 1))}
     x = np.array([_h31(s) for s in shingles], dtype=np.uint64)
     vals = (np.outer(_A, x) + _B[:, None]) % _PRIME  # a*x+b < 2^62: no overflow

@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from rdistill.config import SandboxConfig
 from rdistill.verify.dedup import ContaminationIndex, exact_key, minhash
-from rdistill.verify.extract import format_problem
-from rdistill.verify.scoring import score
+from rdistill.scoring.extract import format_problem
+from rdistill.scoring.verifiers import score
 
 INFRA = "unverified_infra"
 # funnel step -> the drop reason of rows that fail it (in order)

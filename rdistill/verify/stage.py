@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 
 from rdistill.config import ConfigError, ExperimentConfig
 from rdistill.log import log
-from rdistill.pipeline import StageContext
+from rdistill.stage_api import Stage, StageContext
 from rdistill.verify.dedup import ContaminationIndex, find_duplicates
 from rdistill.verify.rows import FUNNEL, INFRA, NEAR_DUPLICATE, check_frame
-from rdistill.verify.sandbox_check import SandboxUnavailable, check_sandbox
+from rdistill.scoring.sandbox_check import SandboxUnavailable, check_sandbox
 
 ROWS_PER_BLOCK = 32  # a block is one Ray task; small blocks spread sandbox runs over the CPUs
 DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("domain", pa.string()),
@@ -37,14 +37,16 @@ DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("d
 
 
 def eval_prompts(ctx: StageContext) -> list[str]:
-    """The dev and test prompts of every domain (what the SFT sets must not overlap)."""
-    from rdistill.generate.sources import load_records
+    """The dev and test prompts of every domain, extra test sets (AIME 2025, MATH-500) included:
+    what the SFT sets must not overlap. Prompts only: a test set's tests are not read."""
+    from rdistill.prompts.sources import load_records
+    from rdistill.prompts.evalsets import domain_test_sets
     texts: list[str] = []
     for name, dom in sorted(ctx.cfg.domains.items()):
-        for src in (dom.dev, dom.test):
-            if src is not None:
-                texts += [r["prompt"] for r in load_records(src, name, ctx.source_path)
-                          if isinstance(r.get("prompt"), str)]
+        sources = ([dom.dev] if dom.dev is not None else []) + [s for _, s in domain_test_sets(dom, name)]
+        for src in sources:
+            texts += [r["prompt"] for r in load_records(src, name, ctx.source_path, with_tests=False)
+                      if isinstance(r.get("prompt"), str)]
     return texts
 
 
@@ -120,7 +122,7 @@ def check_infra(funnel: dict[str, dict[str, int]], reasons: dict[str, Counter]) 
         if n == f["decontaminated"]:
             raise SandboxUnavailable(f"verify: all {n} samples of domain {d} failed in the code sandbox, not "
                                      f"on their merits (see verify/dropped/{d}.parquet, reason "
-                                     f"{INFRA}): run `python -m rdistill.verify.sandbox PROGRAM.py` to see why")
+                                     f"{INFRA}): run `python -m rdistill.scoring.sandbox PROGRAM.py` to see why")
         log.warning("verify %s: %d of %d samples could not be judged (sandbox or busy machine: reason %s); "
                     "they are left out, not counted as wrong", d, n, f["decontaminated"], INFRA)
 
@@ -159,8 +161,10 @@ def run(ctx: StageContext) -> dict:
         log.info("verify %s: %s", d, " -> ".join(f"{k} {v}" for k, v in f.items()))
     check_infra(funnel, reasons)
     rows = sum(generated.values())
-    return {"funnel": funnel, "dropped": {d: dict(sorted(c.items())) for d, c in reasons.items()},
+    # Pairs, not a mapping: manifests are written with sorted keys, and a funnel is read in order.
+    return {"funnel": {d: [[step, n] for step, n in f.items()] for d, f in funnel.items()}, "dropped": {d: dict(sorted(c.items())) for d, c in reasons.items()},
             "rows": rows, "kept": sum(f["kept"] for f in funnel.values()),
+            "kept_per_domain": {d: f["kept"] for d, f in funnel.items()},
             "wall_s": round(wall, 2), "rows_per_s": round(rows / max(wall, 1e-9), 2)}
 
 
@@ -182,3 +186,9 @@ def _write(ds: Any, drop: dict, sft: dict, dropped: dict, reasons: dict) -> None
                                      "completion_tokens": r["completion_tokens"]}, ensure_ascii=False) + "\n")
         for d, rows in gone.items():
             dropped[d].write_table(pa.Table.from_pylist(rows, schema=DROPPED_SCHEMA))
+
+
+# Checks the generated rows; reads dev/test prompts (decontamination), the verifier settings.
+STAGE = Stage("verify", run, reads=("verify",), inputs=("generate",),
+              domains_ignored=("train", "extra_train", "system_prompt", "instruction_suffix",
+                               "eval_samples", "train_overrides"))

@@ -1,6 +1,6 @@
 """What an LLM batch-inference run needs, shared by the generate and evaluate stages.
 
-`rdistill.generate.llm.generate(ds, spec)` runs a Ray Dataset of chat rows through either a
+`rdistill.llm.batch.generate(ds, spec)` runs a Ray Dataset of chat rows through either a
 vLLM engine hosted by Ray Data (`ray.data.llm`) or an OpenAI-compatible endpoint (Ray Data's
 HTTP processor), and returns the rows with the model's answer added.
 
@@ -42,17 +42,34 @@ class LLMSpec:
     retry_wait_s: float = 1.0
     """First backoff wait between retries (doubles each retry)."""
     timeout_s: float = 600.0
+    max_in_flight: int = 64
+    """Most requests an endpoint backend holds open at once, over all replicas."""
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.model
 
     @classmethod
+    def for_student(cls, cfg, name: str, path: str) -> "LLMSpec":
+        """How a student model of the run (base, branch, merge) is sampled for evaluation."""
+        from rdistill.topology import eval_tensor_parallel
+        return cls(model=path, name=name, backend="vllm", device=cfg.device, sampling=cfg.eval.sampling,
+                   max_model_len=cfg.student.max_model_len, batch_size=cfg.eval.batch_size,
+                   tensor_parallel_size=eval_tensor_parallel(cfg))
+
+    def engine_job(self, rows: list[dict]) -> dict:
+        """A job for rdistill.llm.warm.WarmPool: this model, its engine arguments and sampling,
+        and the rows' ids, chat messages and per-sample seeds."""
+        from rdistill.llm.warm import engine_kwargs
+        return {"model": self.model, "name": self.name,
+                "kwargs": engine_kwargs(self.device, self.dtype, self.max_model_len, self.tensor_parallel_size,
+                                        extra=self.engine_kwargs),
+                "sampling": {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+                             "max_tokens": self.sampling.max_tokens},
+                "rows": [{"id": r["id"], "messages": r["messages"], "seed": r.get("seed")} for r in rows]}
+
+    @classmethod
     def from_teacher(cls, t: TeacherConfig, model: str, sampling: SamplingConfig, device: str) -> "LLMSpec":
-        return cls(model=model, name=t.name, backend=t.backend, device=device, sampling=sampling,
-                   max_model_len=t.max_model_len, dtype=t.dtype, batch_size=t.batch_size,
-                   tensor_parallel_size=t.tensor_parallel_size,
-                   pipeline_parallel_size=t.pipeline_parallel_size, replicas=t.replicas,
-                   base_url=t.base_url, api_key_env=t.api_key_env, qps=t.qps,
-                   max_retries=t.max_retries, retry_wait_s=t.retry_wait_s, timeout_s=t.timeout_s,
-                   engine_kwargs=dict(t.engine_kwargs))
+        """The teacher's settings (every field the two share by name) for one batch run."""
+        from rdistill.config.fields import shared_fields
+        return shared_fields(t, cls, model=model, device=device, sampling=sampling)

@@ -6,9 +6,11 @@ timeouts and dropped connections with exponential backoff, but (ray 2.60) it doe
 that exhausts its retries raises and fails the whole dataset. Here:
 - `CheckedResponse` turns a 5xx or a malformed body into a `ClientPayloadError`, which Ray's
   own retry loop already backs off on and retries;
-- `RowTolerantHttpUDF` runs each row through Ray's UDF on its own (concurrently within a batch,
-  paced to the configured qps), so a row that still fails becomes an error row instead of
-  failing the run, and parses the chat completion into flat columns.
+- `RowTolerantHttpUDF` runs each row through Ray's UDF on its own (concurrently, at most
+  `max_in_flight` rows of one actor at a time, paced to the configured qps), so a row that still
+  fails becomes an error row instead of failing the run, and parses the chat completion into
+  flat columns. All of an actor's concurrent batches run on its one asyncio loop (Ray Data's
+  map actor loop), so the limit and the pacing hold across them.
 """
 
 from __future__ import annotations
@@ -94,10 +96,13 @@ class RowTolerantHttpUDF(HttpRequestUDF):
     """Ray's HTTP UDF applied row by row: concurrent within a batch, paced to `rate_qps`, and a
     row that fails after Ray's retries is an error row rather than a failed dataset."""
 
-    def __init__(self, *args: Any, rate_qps: Optional[float] = None, **kwargs: Any):
+    def __init__(self, *args: Any, rate_qps: Optional[float] = None, max_in_flight: Optional[int] = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.qps = None  # pacing is ours: Ray's per-call pacing does not hold across concurrent rows
         self.rate_qps = rate_qps
+        self.max_in_flight = max_in_flight
+        self._slots: Optional[asyncio.Semaphore] = None  # made on the actor's loop, at first use
         self._next_slot = 0.0
 
     async def _pace(self) -> None:
@@ -110,8 +115,16 @@ class RowTolerantHttpUDF(HttpRequestUDF):
             await asyncio.sleep(slot - now)
 
     async def _one(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        if self.max_in_flight:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.max_in_flight)
+            async with self._slots:
+                return await self._send(row)
+        return await self._send(row)
+
+    async def _send(self, row: Dict[str, Any]) -> Dict[str, Any]:
         idx = row[self.IDX_IN_BATCH_COLUMN]
-        await self._pace()
+        await self._pace()  # after taking a slot: waiting rows do not hold rate slots
         try:
             async for out in HttpRequestUDF.udf(self, [row]):
                 return {self.IDX_IN_BATCH_COLUMN: idx, **parse_completion(out["http_response"])}

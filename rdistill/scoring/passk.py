@@ -74,8 +74,10 @@ def aggregate(samples, k: int = 1, keys: tuple[str, ...] = ("model", "domain")) 
     return out
 
 
-def objective_score(scores: Mapping[str, float], objective: str) -> float:
-    """Combine per-domain scores into one number: their mean or their minimum."""
+def objective_score(scores: Mapping[str, float], objective: str,
+                    weights: Mapping[str, float] | None = None) -> float:
+    """Combine per-domain scores into one number: their mean, their minimum, or their mean
+    weighted by `weights` (domains it does not name weigh 0)."""
     if not scores:
         raise ValueError("no domain scores to combine")
     vals = list(scores.values())
@@ -83,16 +85,23 @@ def objective_score(scores: Mapping[str, float], objective: str) -> float:
         return float(np.mean(vals))
     if objective == "min":
         return float(min(vals))
-    raise ConfigError(f"merge.objective={objective!r} is invalid: allowed: mean, min")
+    if objective == "weighted":
+        w = {d: float((weights or {}).get(d, 0.0)) for d in scores}
+        if sum(w.values()) <= 0:
+            raise ConfigError("merge.objective=weighted needs merge.domain_weights with a positive weight "
+                              f"for one of {', '.join(scores)}")
+        return float(sum(w[d] * v for d, v in scores.items()) / sum(w.values()))
+    raise ConfigError(f"merge.objective={objective!r} is invalid: allowed: mean, min, weighted")
 
 
-def select_candidate(dev_scores: Mapping[str, Mapping[str, float]], objective: str) -> str:
+def select_candidate(dev_scores: Mapping[str, Mapping[str, float]], objective: str,
+                     weights: Mapping[str, float] | None = None) -> str:
     """The candidate with the best objective on the dev split (first listed wins a tie)."""
     if not dev_scores:
         raise ValueError("no merge candidates were scored")
     best, best_val = None, -math.inf
     for name, per_domain in dev_scores.items():  # insertion order = config order
-        val = objective_score(per_domain, objective)
+        val = objective_score(per_domain, objective, weights)
         if val > best_val:
             best, best_val = name, val
     return best

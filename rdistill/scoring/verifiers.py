@@ -1,13 +1,14 @@
 """The public scoring API, shared by the verify stage and the evaluation:
 
-    score(kind, completion, record, sandbox=None) -> Verdict
-    score_batch(kind, rows, sandbox=None) -> list[Verdict]          (plain lists)
-    score_frame(df, kind=None, sandbox=None) -> df                  (Ray Data map_batches, pandas)
-    score_dataset(ds, kind, sandbox=None) -> ds                     (a Ray Dataset, in parallel)
+    score(kind, completion, record, sandbox=None) -> Verdict      (one answer)
+    score_rows(df, sandbox=None) -> df                              (generated rows, pandas)
+    score_dataset(ds, sandbox=None) -> ds                           (a Ray Dataset, in parallel)
 
 `record` holds `gold` (math: the answer; science: the letter), `tests` (code: Python asserts run
-after the program, or a JSON list of {input, output} stdin/stdout cases) and `entry_point` (code: the function's name; HumanEval-style tests that
-define `check(candidate)` get `check(<entry_point>)` appended). Importing this starts nothing.
+after the program, a JSON list of {input, output} stdin/stdout cases, or a LiveCodeBench /
+APPS call-based spec graded as lcb_runner does, see `rdistill.scoring.lcb`) and `entry_point`
+(code: the function's name; HumanEval-style tests that define `check(candidate)` get
+`check(<entry_point>)` appended). Importing this starts nothing.
 
 math-verify bounds its parse/verify with SIGALRM, which only works on a process's main thread:
 on the main thread (Ray tasks run there) it is used as is; on any other thread (threaded actors,
@@ -18,13 +19,14 @@ wall-clock wait that kills the helper when it hangs.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import math
 import multiprocessing
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from rdistill.config import SandboxConfig
-from rdistill.verify.extract import choice_letter, code_block, final_answer, gold_letter
+from rdistill.scoring.extract import choice_letter, code_block, final_answer, gold_letter
 
 KINDS = ("math", "code", "science")
 MATH_TIMEOUT_S = 5
@@ -113,7 +115,7 @@ def io_cases(tests: str) -> Optional[list[dict]]:
 
 def _io_code(program: str, cases: list[dict], sandbox: Optional[SandboxConfig]) -> Verdict:
     """Run the program once per case on its stdin; stdout must match (whitespace-normalised)."""
-    from rdistill.verify.sandbox import run_program
+    from rdistill.scoring.sandbox import run_program
     for i, case in enumerate(cases):
         res = run_program(program, str(case["input"]), sandbox)
         if res.status != "ok":
@@ -123,14 +125,31 @@ def _io_code(program: str, cases: list[dict], sandbox: Optional[SandboxConfig]) 
     return Verdict(True, "passed", program)
 
 
+def _lcb_code(program: str, spec: dict, sandbox: Optional[SandboxConfig]) -> Verdict:
+    """LiveCodeBench (and APPS call-based) tests: every test in one sandboxed harness."""
+    from rdistill.scoring.lcb import run_tests
+    r = run_tests(program, spec, sandbox)
+    if r["status"] == "passed":
+        return Verdict(True, "passed", program)
+    if r["status"] == "no_tests":
+        return Verdict(False, "record has no tests", program)
+    where = f"case {r['case']} of {r['total']}: " if r.get("case") is not None else ""
+    what = "tests failed: " if r["status"] == "wrong_answer" else ""
+    return Verdict(False, f"{what}{where}{r['status']}: {r['detail']}".rstrip(": "), program, r["infra"])
+
+
 def _code(completion: str, record: dict, sandbox: Optional[SandboxConfig], language: str) -> Verdict:
-    from rdistill.verify.sandbox import run_program
+    from rdistill.scoring.lcb import spec_of
+    from rdistill.scoring.sandbox import run_program
     program = code_block(completion, language)
     if not program:
         return Verdict(False, "no program found")
     tests = _field(record, "tests") or ""
     if not tests.strip():
         return Verdict(False, "record has no tests", program)
+    spec = spec_of(tests)
+    if spec is not None:
+        return _lcb_code(program, spec, sandbox)
     cases = io_cases(tests)
     if cases is not None:
         return _io_code(program, cases, sandbox)
@@ -170,34 +189,36 @@ def score(kind: str, completion: str, record: dict, sandbox: Optional[SandboxCon
     raise ValueError(f"unknown verifier kind {kind!r}: use one of {', '.join(KINDS)}")
 
 
-def score_batch(kind: str, rows: Iterable[dict], sandbox: Optional[SandboxConfig] = None,
-                language: str = "python", threads: int = 1) -> list[Verdict]:
-    """Verdicts of many rows ({completion, gold, tests, entry_point}); code rows may run
-    `threads` sandboxes at once (each is its own process)."""
-    rows = list(rows)
-    if kind == "code" and threads > 1:
-        with cf.ThreadPoolExecutor(threads) as ex:
-            return list(ex.map(lambda r: score(kind, r.get("completion"), r, sandbox, language), rows))
-    return [score(kind, r.get("completion"), r, sandbox, language) for r in rows]
+def score_rows(df: Any, sandbox: Optional[SandboxConfig] = None) -> Any:
+    """Add `correct` (bool), `reason` (str), `extracted` (the judged answer) and `infra` (no
+    verdict: the sandbox or a busy machine failed, not the model) to a pandas batch of generated
+    rows (columns kind, completion, finish_reason, error, gold, tests, entry_point, language).
+    A sample is correct only when the model finished (not cut at max tokens, no generation
+    error) and the verifier accepts its answer. Made for `Dataset.map_batches(batch_format="pandas")`."""
+    correct, reasons, extracted, infra = [], [], [], []
+    for row in df.to_dict("records"):
+        # pandas turns None into NaN in mixed columns; the verifiers expect None
+        row = {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in row.items()}
+        v = None
+        if row.get("error"):
+            why = "generation error"
+        elif row.get("finish_reason") != "stop":
+            why = f"incomplete ({row.get('finish_reason')})"
+        else:
+            v = score(row["kind"], row["completion"], row, sandbox, row.get("language") or "python")
+            why = v.reason
+        correct.append(bool(v and v.correct))
+        reasons.append(why)
+        extracted.append(v.extracted if v else None)
+        infra.append(bool(v and v.infra))
+    df = df.copy()
+    df["correct"], df["reason"], df["extracted"], df["infra"] = correct, reasons, extracted, infra
+    return df
 
 
-def score_frame(df: Any, kind: Optional[str] = None, sandbox: Optional[SandboxConfig] = None,
-                language: str = "python") -> Any:
-    """A pandas batch with `correct`, `verdict` and `extracted` columns added; the kind comes from
-    the argument or a `kind` column per row. Made for `Dataset.map_batches(batch_format="pandas")`."""
-    out = df.copy()
-    verdicts = []
-    for r in df.to_dict("records"):
-        verdicts.append(score(kind or r["kind"], r.get("completion"), r, sandbox, language))
-    out["correct"] = [v.correct for v in verdicts]
-    out["verdict"] = [v.reason for v in verdicts]
-    out["extracted"] = [v.extracted for v in verdicts]
-    return out
-
-
-def score_dataset(ds: Any, kind: Optional[str] = None, sandbox: Optional[SandboxConfig] = None,
-                  language: str = "python", batch_size: int = 16) -> Any:
-    """`score_frame` over a Ray Dataset as parallel Ray tasks (lazy: consume or materialize it)."""
-    from rdistill.topology import verify_task_options
-    return ds.map_batches(score_frame, fn_kwargs=dict(kind=kind, sandbox=sandbox, language=language),
-                          batch_format="pandas", batch_size=batch_size, **verify_task_options())
+def score_dataset(ds: Any, sandbox: Optional[SandboxConfig] = None) -> Any:
+    """`score_rows` over a Ray Dataset as parallel light Ray tasks (lazy, like the rest of the
+    pipeline): code samples run in sandbox processes of their own, math and letters are cheap."""
+    from rdistill.topology import LIGHT_CPU
+    return ds.map_batches(score_rows, batch_format="pandas", batch_size=64, fn_kwargs={"sandbox": sandbox},
+                          num_cpus=LIGHT_CPU)

@@ -13,7 +13,7 @@ Inside, a small launcher sets CPU-time, address-space, process-count, file-size 
 then runs the program as `__main__`. Output is read through pipes and cut at a byte limit.
 
 CLI, for debugging one sample under the same limits:
-    python -m rdistill.verify.sandbox PROGRAM.py [--stdin FILE] [--timeout-s 5] [--memory-mb 512]
+    python -m rdistill.scoring.sandbox PROGRAM.py [--stdin FILE] [--timeout-s 5] [--memory-mb 512]
 prints one JSON object: status (ok | error | timeout | memory | killed | sandbox_error),
 exit_code, signal, stdout, stderr (truncated), truncated flags, wall_s, isolation.
 """
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from rdistill.config import SandboxConfig
-from rdistill.verify.sandbox_mounts import Mounts, mounts_for
+from rdistill.scoring.sandbox_mounts import Mounts, mounts_for
 
 log = logging.getLogger("rdistill")
 
@@ -327,7 +327,7 @@ def _killpg(pid: int) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rdistill.verify.sandbox",
+    p = argparse.ArgumentParser(prog="python -m rdistill.scoring.sandbox",
                                 description="Run one Python program in the code sandbox; print a JSON result.")
     p.add_argument("program", help="Python source file to run")
     p.add_argument("--stdin", help="file fed to the program's standard input")

@@ -21,7 +21,7 @@ class SandboxUnavailable(ResourceError):
 
 
 def _fix(detail: str, python: str, bwrap: bool) -> str:
-    from rdistill.verify.sandbox_mounts import unreachable
+    from rdistill.scoring.sandbox_mounts import unreachable
     why = unreachable(python) if os.geteuid() == 0 else None
     if why:
         return why
@@ -33,15 +33,15 @@ def _fix(detail: str, python: str, bwrap: bool) -> str:
     if "namespace" in detail or "Operation not permitted" in detail:
         return ("bubblewrap cannot create namespaces here (a container without user namespaces?): allow "
                 "them (sysctl kernel.unprivileged_userns_clone=1) or run where they are allowed")
-    return "run `python -m rdistill.verify.sandbox PROGRAM.py` to see the sandbox's full output"
+    return "run `python -m rdistill.scoring.sandbox PROGRAM.py` to see the sandbox's full output"
 
 
 def check_sandbox(cfg: Optional[SandboxConfig] = None, what: str = "code scoring") -> dict:
     """Raise SandboxUnavailable (one line) unless a trivial program passes and a failing one fails
     with its assertion through the sandbox `cfg` describes; returns what was checked. Cached per
     process and configuration, so stages and tasks can call it freely."""
-    from rdistill.verify.sandbox import have_bwrap, run_program
-    from rdistill.verify.sandbox_mounts import _prefixes
+    from rdistill.scoring.sandbox import have_bwrap, run_program
+    from rdistill.scoring.sandbox_mounts import _prefixes
     cfg = cfg or SandboxConfig()
     python = cfg.python or sys.executable
     key = (python, cfg.timeout_s, cfg.cpu_s, cfg.memory_mb, cfg.max_procs)

@@ -1,10 +1,13 @@
 """Hydra composition of conf/ into a validated ExperimentConfig, with one-line errors.
 
-Hydra lives here and in conf/ only; the package takes plain dataclasses.
+Hydra lives here (the command line's layer) and in conf/ only; stages and the rest of the
+package take plain dataclasses. conf/ is the checkout's (the project is installed editable);
+RDISTILL_CONF_DIR points elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from omegaconf import OmegaConf
 
 from rdistill.config import ConfigError, ExperimentConfig, validated
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(os.environ.get("RDISTILL_CONF_DIR") or Path(__file__).resolve().parents[2] / "conf")
 
 ConfigStore.instance().store(name="schema", node=ExperimentConfig)
 
@@ -42,6 +45,9 @@ def _one_line(e: Exception) -> str:
 
 def load(overrides: list[str] | None = None) -> ExperimentConfig:
     """Compose conf/config.yaml with Hydra overrides and validate it; raises ConfigError."""
+    if not (CONF_DIR / "config.yaml").exists():
+        raise ConfigError(f"no Hydra configs at {CONF_DIR}: run from a checkout of rdistill (installed with "
+                          "pip install -e .) or set RDISTILL_CONF_DIR to its conf/ folder")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

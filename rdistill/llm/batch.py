@@ -1,7 +1,7 @@
 """LLM batch inference over a Ray Dataset, shared by the generate and evaluate stages.
 
 `generate(ds, spec)` runs chat rows through `ray.data.llm`'s vLLM engine processor or its HTTP
-processor (any OpenAI-compatible endpoint); see `rdistill.generate.spec` for the row contract.
+processor (any OpenAI-compatible endpoint); see `rdistill.llm.spec` for the row contract.
 `expand_samples` turns prompts into one row per sample, with distinct ids and seeds, so that
 every sample is its own row (its own checkpoint id, its own seed) for both stages.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 from rdistill.config import ConfigError, SamplingConfig
-from rdistill.generate.sources import chat_messages  # noqa: F401  (re-exported for evaluate)
-from rdistill.generate.spec import LLMSpec
+from rdistill.prompts.sources import chat_messages  # noqa: F401  (re-exported for evaluate)
+from rdistill.llm.spec import LLMSpec
 from rdistill.topology import LIGHT_CPU, engine_placement
 
 OUT_COLUMNS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens", "error")
@@ -145,7 +145,7 @@ def _http_processor(spec: LLMSpec):
     import ray
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-    from rdistill.generate.http import RowTolerantHttpUDF, SessionFactory
+    from rdistill.llm.http import RowTolerantHttpUDF, SessionFactory
     if not spec.base_url:
         raise ConfigError("teacher.base_url=None is invalid: the openai backend needs the endpoint URL")
     key = api_key(spec)
@@ -159,12 +159,17 @@ def _http_processor(spec: LLMSpec):
                            postprocess_map_kwargs={"num_cpus": LIGHT_CPU})
     stage = proc.get_stage_by_name("HttpRequestStage")
     stage.fn = RowTolerantHttpUDF
-    # Rows answered but not yet written are paid again after a kill: keep one batch running and
-    # one queued per actor (a batch's rows already run concurrently; raise batch_size for more).
+    # Hundreds of requests open at once (R1 answers in minutes, so only then is a qps cap the
+    # bound): each actor runs enough batches concurrently to fill its share of max_in_flight, and
+    # the UDF holds its rows to that share. Rows answered but not yet written (blocks still in
+    # flight) are paid again after a kill; about max_in_flight of them.
+    per_actor = max(1, -(-spec.max_in_flight // spec.replicas))
+    calls = max(2, -(-per_actor // spec.batch_size))
     stage.map_batches_kwargs = {**stage.map_batches_kwargs, "compute": ray.data.ActorPoolStrategy(
-        min_size=1, max_size=spec.replicas, max_tasks_in_flight_per_actor=2)}
+        min_size=1, max_size=spec.replicas, max_tasks_in_flight_per_actor=calls + 1,
+        max_concurrent_calls_per_actor=calls)}
     qps = spec.qps / spec.replicas if spec.qps else None  # the cap is shared by the replicas
-    stage.fn_constructor_kwargs = {**stage.fn_constructor_kwargs, "rate_qps": qps}
+    stage.fn_constructor_kwargs = {**stage.fn_constructor_kwargs, "rate_qps": qps, "max_in_flight": per_actor}
     return proc
 
 

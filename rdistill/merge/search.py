@@ -1,0 +1,135 @@
+"""The merge search's plan, independent of how candidates are merged and scored: the candidate
+recipes drawn from the configured space, and successive halving over dev prompts.
+
+Candidates: Arcee Fusion chains in every order of the branches (the reference recipe picked one
+order by hand), linear and model_stock, then seeded draws of task arithmetic, TIES and DARE-TIES
+with per-branch weights, densities and a scaling lambda from the configured values, up to the
+budget. Successive halving: every candidate is scored on the first `first_prompts` dev prompts
+of each domain; the best 1/eta go on to eta times as many prompts, and so on until the survivors
+have seen the whole dev split; the best of the last rung is the search's choice. A candidate
+below the student base on any domain (`floor=base`, on the same prompts) is never chosen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from rdistill.config import MergeSearchConfig
+
+
+@dataclass
+class Candidate:
+    name: str
+    label: str
+    """What it is, in a few words: `task_arithmetic w=0.7/0.85/1.0`."""
+    steps: list[dict]
+    """Merge steps (MergeStepConfig fields) with run references (base, branch:<d>, merge:<step>)."""
+    scores: dict = field(default_factory=dict)
+    """prompts per domain -> {domain: dev pass@1} for each rung it reached."""
+    out_at: Optional[int] = None
+    """The rung it was eliminated at (None: it reached the last one)."""
+
+
+def _step(name: str, method: str, base: Optional[str], models: list[tuple[str, dict]], params: dict) -> dict:
+    return {"name": name, "merge_method": method, "base_model": base,
+            "models": [{"model": m, "parameters": p} for m, p in models], "parameters": params,
+            "dtype": "float32", "out_dtype": "float32"}
+
+
+def fusion_chain(order: list[str]) -> list[dict]:
+    """Fusion of the 2nd branch onto the 1st, then of each next branch's model... onto the
+    running result, as the reference: mid = fusion(base=science, other=math), final =
+    fusion(base=code, other=mid) is the order (science, math, code)."""
+    refs = [f"branch:{d}" for d in order]
+    steps = [_step("mid1", "arcee_fusion", refs[0], [(refs[1], {})], {})]
+    for i, ref in enumerate(refs[2:], start=2):
+        steps.append(_step(f"mid{i}", "arcee_fusion", ref, [(f"merge:{steps[-1]['name']}", {})], {}))
+    steps[-1]["name"] = "final"
+    return steps
+
+
+def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate]:
+    """Up to `sc.candidates` distinct recipes, the same for the same config and seed."""
+    out: list[Candidate] = []
+    seen: set = set()
+
+    def add(label: str, steps: list[dict]) -> None:
+        if label not in seen and len(out) < sc.candidates:
+            seen.add(label)
+            out.append(Candidate(f"c{len(out):02d}", label, steps))
+    branches = [f"branch:{d}" for d in domains]
+    if "arcee_fusion" in sc.methods and len(domains) >= 2:
+        for order in itertools.permutations(domains):
+            add("arcee_fusion chain " + " <- ".join(order), fusion_chain(list(order)))
+    if "linear" in sc.methods:
+        add("linear (equal weights)", [_step("final", "linear", None, [(b, {"weight": 1.0}) for b in branches], {})])
+    if "model_stock" in sc.methods and len(domains) >= 2:
+        add("model_stock", [_step("final", "model_stock", "base", [(b, {}) for b in branches], {})])
+    weighted = [m for m in ("task_arithmetic", "ties", "dare_ties") if m in sc.methods]
+    for w in sc.weights:  # the uniform settings first: the obvious baselines of each method
+        for m in weighted:
+            add(_label(m, [w] * len(domains), 0.5, 1.0), _weighted(m, branches, [w] * len(domains), 0.5, 1.0))
+    rng = random.Random(sc.seed)
+    tries = 0
+    while len(out) < sc.candidates and weighted and tries < 100 * sc.candidates:
+        tries += 1
+        m = rng.choice(weighted)
+        ws = [rng.choice(sc.weights) for _ in domains]
+        dens = rng.choice(sc.densities) if m != "task_arithmetic" else 0.5
+        lam = rng.choice(sc.lambdas) if m != "task_arithmetic" else 1.0
+        add(_label(m, ws, dens, lam), _weighted(m, branches, ws, dens, lam))
+    return out
+
+
+def _label(method: str, ws: list[float], density: float, lam: float) -> str:
+    s = f"{method} w=" + "/".join(f"{w:g}" for w in ws)
+    return s if method == "task_arithmetic" else s + f" density={density:g} lambda={lam:g}"
+
+
+def _weighted(method: str, branches: list[str], ws: list[float], density: float, lam: float) -> list[dict]:
+    if method == "task_arithmetic":
+        return [_step("final", method, "base", [(b, {"weight": w}) for b, w in zip(branches, ws)], {})]
+    return [_step("final", method, "base", [(b, {"weight": w, "density": density}) for b, w in zip(branches, ws)],
+                  {"lambda": lam, "normalize": True})]
+
+
+def rungs(n_candidates: int, n_dev: int, first: int, eta: int) -> list[tuple[int, int]]:
+    """(dev prompts per domain, candidates scored) of each rung of successive halving."""
+    out, k, n = [], min(first, n_dev), n_candidates
+    while True:
+        out.append((k, n))
+        if k >= n_dev or n <= 1:
+            return out
+        k, n = min(n_dev, k * eta), max(1, math.ceil(n / eta))
+
+
+def successive_halving(cands: list[Candidate], n_dev: int, sc: MergeSearchConfig,
+                       score: Callable[[list[Candidate], int], dict[str, dict[str, float]]],
+                       objective: Callable[[dict[str, float]], float],
+                       floor: Optional[Callable[[int], dict[str, float]]] = None) -> Candidate:
+    """Run the rungs; `score(cands, k)` gives {name: {domain: pass@1 on the first k dev prompts}}
+    (cached by the caller, so a resumed search scores only what is new); `floor(k)` gives the
+    base's scores on the same prompts. Returns the chosen candidate (every candidate's `scores`
+    and `out_at` are filled in)."""
+    alive = list(cands)
+    plan = rungs(len(cands), n_dev, sc.first_prompts, sc.eta)
+    for r, (k, _) in enumerate(plan):
+        got = score(alive, k)
+        base = floor(k) if floor else None
+        for c in alive:
+            c.scores[k] = got[c.name]
+
+        def key(c: Candidate) -> tuple:
+            s = c.scores[k]
+            ok = base is None or all(s[d] >= base[d] for d in s if d in base)
+            return (ok, objective(s))
+        ranked = sorted(alive, key=key, reverse=True)  # stable: the earlier candidate wins a tie
+        keep = plan[r + 1][1] if r + 1 < len(plan) else 1
+        for c in ranked[keep:]:
+            c.out_at = r
+        alive = ranked[:keep]
+    return alive[0]

@@ -1,0 +1,130 @@
+"""The merge search: its candidate space and successive halving (fast, with planted scores),
+then the real thing on small models: merged by the streaming merge, scored on dev by warm vLLM
+engines, resumed after a kill without re-scoring, and refused up front for mismatched models."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from rdistill.config import MergeSearchConfig
+from rdistill.merge.search import Candidate, candidate_space, rungs, successive_halving
+
+DOMS = ["math", "code", "science"]
+
+
+def test_candidate_space_covers_every_fusion_order_and_stays_within_budget():
+    cands = candidate_space(DOMS, MergeSearchConfig(candidates=24))
+    labels = [c.label for c in cands]
+    assert len(cands) == 24 and len(set(labels)) == 24
+    fusion = [c for c in cands if c.label.startswith("arcee_fusion")]
+    assert len(fusion) == 6  # 3! orders
+    ref = next(c for c in fusion if c.label == "arcee_fusion chain science <- math <- code")
+    assert [(s["merge_method"], s["base_model"], [m["model"] for m in s["models"]]) for s in ref.steps] == [
+        ("arcee_fusion", "branch:science", ["branch:math"]), ("arcee_fusion", "branch:code", ["merge:mid1"])]
+    assert any(c.label == "model_stock" for c in cands) and any(c.label.startswith("linear") for c in cands)
+    assert sum(c.label.startswith("task_arithmetic") for c in cands) >= 4
+    assert [c.label for c in candidate_space(DOMS, MergeSearchConfig(candidates=24))] == labels  # seeded
+
+
+def test_rungs_shrink_candidates_and_grow_prompts():
+    assert rungs(24, 40, 10, 3) == [(10, 24), (30, 8), (40, 3)]
+    assert rungs(5, 8, 10, 3) == [(8, 5)]
+
+
+def test_halving_finds_a_planted_best_among_noisy_decoys_and_respects_the_floor():
+    sc = MergeSearchConfig(candidates=27, first_prompts=5, eta=3)
+    cands = [Candidate(f"c{i:02d}", f"decoy {i}", []) for i in range(27)]
+    truth = {c.name: {d: 0.5 + 0.01 * i for d in DOMS} for i, c in enumerate(cands)}
+    truth["c07"] = {d: 0.9 for d in DOMS}                       # the planted best
+    truth["c26"] = {"math": 0.99, "code": 0.99, "science": 0.1}  # best mean, but below the base on science
+    rng = random.Random(0)
+    calls = []
+
+    def score(alive, k):  # noise shrinks as more prompts are used
+        calls.append((k, len(alive)))
+        return {c.name: {d: v + rng.gauss(0, 0.1 / k ** 0.5) for d, v in truth[c.name].items()} for c in alive}
+    mean = lambda s: sum(s.values()) / len(s)  # noqa: E731
+    chosen = successive_halving(cands, 45, sc, score, mean, floor=lambda k: {d: 0.3 for d in DOMS})
+    assert chosen.name == "c07" and chosen.out_at is None
+    assert calls == [(5, 27), (15, 9), (45, 3)]
+    assert cands[26].out_at is not None
+    assert sum(c.out_at is None for c in cands) == 1
+
+
+@pytest.fixture(scope="module")
+def search_run(ray_cluster, tmp_path_factory):
+    """A run directory whose three 'branches' are the toy teacher and whose base is the toy base:
+    task arithmetic with weights summing to 1 rebuilds the teacher exactly, the planted best."""
+    from rdistill.cli.compose import load
+    from rdistill.toy.build import ASSETS
+    from rdistill.toy.stage import write_data
+    root = tmp_path_factory.mktemp("search")
+    cfg = load([f"run_dir={root}", "stages=[merge]", "merge.candidates=[]", "merge.search.methods=[task_arithmetic]",
+                "merge.search.weights=[0.1,0.3333333333]", "merge.search.candidates=8", "merge.search.first_prompts=6",
+                "merge.search.samples=1", "merge.search.eta=3", "toy.n_dev=12", "eval.sampling.max_tokens=96",
+                "student.base=" + str(ASSETS / "base")])
+    write_data(root / "toy" / "data", cfg.toy)
+    (root / "toy" / "manifest.json").write_text(json.dumps({"fingerprint": "toy"}))
+    for d in DOMS:
+        shutil.copytree(ASSETS / "teacher", root / "train" / d)
+    (root / "train" / "manifest.json").write_text(json.dumps({"fingerprint": "train"}))
+    return cfg, root
+
+
+@pytest.mark.slow
+def test_search_on_small_models_finds_the_planted_best_then_resumes_without_rescoring(search_run, monkeypatch):
+    from rdistill import pipeline
+    from rdistill.merge import search_run as sr
+    from rdistill.rundir import RunDir
+    from rdistill.scoring import answers
+    cfg, root = search_run
+    run = RunDir(root)
+    real_halving, real_answer, real_step = sr.successive_halving, answers.answer_and_score, sr.run_step
+
+    class Killed(Exception):
+        pass
+
+    def halving_killed_at_rung_2(cands, n_dev, sc, score, objective, floor):
+        def score_then_die(alive, k):
+            if k > sc.first_prompts:
+                raise Killed()
+            return score(alive, k)
+        return real_halving(cands, n_dev, sc, score_then_die, objective, floor)
+    monkeypatch.setattr(sr, "successive_halving", halving_killed_at_rung_2)
+    with pytest.raises(Killed):
+        pipeline.run_stage(cfg, run, "merge")
+    monkeypatch.setattr(sr, "successive_halving", real_halving)
+
+    scored, merged = [], []
+    monkeypatch.setattr(answers, "answer_and_score",
+                        lambda pool, items, sbx: (scored.extend((s.name, len(r)) for s, r in items),
+                                                  real_answer(pool, items, sbx))[1])
+    monkeypatch.setattr(sr, "run_step", lambda *a, **k: (merged.append(a[0].name), real_step(*a, **k))[1])
+    res = pipeline.run_stage(cfg, run, "merge")["result"]
+    # resumed: nothing merged again, and only the prompts of the later rungs were scored
+    assert merged == []
+    assert all(n == 3 * (12 - 6) for _, n in scored), scored  # 3 domains x the 6 new dev prompts x 1 sample
+    report = json.loads((root / "merge" / "search.json").read_text())
+    assert res["search_candidates"] == 8 and len(report["candidates"]) == 8
+    chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
+    weights = [m["parameters"]["weight"] for m in chosen["steps"][0]["models"]]
+    assert weights == pytest.approx([1 / 3] * 3, rel=1e-6), chosen["label"]
+    assert chosen["dev"]["12"]["math"] > report["base_dev"]["math"]
+    assert res["search"]["engine_starts"] <= 2  # every candidate and the base on the same engines
+    assert (root / "merge" / "search" / "final" / "config.json").exists()
+    assert "task_arithmetic" in (root / "merge" / "search" / "recipe.yaml").read_text()
+    assert [p.name for p in (root / "merge" / "search").iterdir() if p.is_dir()] == ["final"]
+
+
+def test_search_refuses_mismatched_models_before_any_work(tmp_path):
+    from rdistill.cli.compose import load
+    from rdistill.merge.search_run import check_family
+    from rdistill.toy.model import tiny_test_model
+    a, b = tiny_test_model(tmp_path / "a"), tiny_test_model(tmp_path / "b", num_hidden_layers=2)
+    from rdistill.errors import ConfigError
+    with pytest.raises(ConfigError, match="branch:code .* differs from the student base"):
+        check_family({"base": str(a), "branch:math": str(a), "branch:code": str(b)})
