@@ -47,7 +47,8 @@ def side_rdistill(rows: list[dict], a) -> dict:
     from rdistill.topology import init_ray
     init_ray(RayConfig(num_cpus=8))
     try:
-        spec = LLMSpec(model=TEACHER, name="toy-teacher", max_model_len=512, batch_size=a.batch_size,
+        from rdistill.config import EngineConfig
+        spec = LLMSpec(model=TEACHER, name="toy-teacher", engine=EngineConfig(max_model_len=512), batch_size=a.batch_size,
                        sampling=SamplingConfig(temperature=0.6, top_p=0.95, max_tokens=a.max_tokens))
         t0 = time.time()
         arrivals = []  # (time, completion tokens) per output block

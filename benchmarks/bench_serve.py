@@ -52,8 +52,9 @@ def main(argv: list[str]) -> int:
             scratch = tempfile.mkdtemp(prefix="bench_serve_")
             model = str(tiny_test_model(os.path.join(scratch, "toy")))
         init_ray(RayConfig())
+        from rdistill.config import EngineConfig
         spec = ServeSpec(model=model, served_name=a.name, port=a.port, api_key=key,
-                         max_model_len=a.max_model_len)
+                         engine=EngineConfig(max_model_len=a.max_model_len))
         info = deploy(spec)
     try:
         # No warm-up of our own: measured from the moment the endpoint first reports ready, the

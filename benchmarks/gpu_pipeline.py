@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = [
     "device=gpu",
     "train.num_workers=1", "train.gpus_per_worker=1", "train.cpus_per_worker=2", "train.precision=bf16",
-    "teacher.engine_kwargs={gpu_memory_utilization: 0.25}",
+    "teacher.engine.engine_kwargs={gpu_memory_utilization: 0.25}",
 ]
 
 

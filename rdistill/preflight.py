@@ -144,24 +144,26 @@ def check_data_sources(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) ->
     if not {"verify", "evaluate", "merge"} & set(to_run):
         return
     from rdistill.prompts.evalsets import check_dev_test
-    from rdistill.refs import resolve_source_path
+    from rdistill.refs import producing_stage, resolve_source_path
 
-    def not_built(src) -> bool:
-        return bool(src.path) and src.path.startswith("toy:") and (
-            "toy" in to_run or not Path(resolve_source_path(src.path, run)).exists())
+    def not_built(src) -> bool:  # made by a stage of this run that has not run yet
+        return bool(src.path) and producing_stage(src.path) is not None and (
+            producing_stage(src.path) in to_run or not Path(resolve_source_path(src.path, run)).exists())
     check_dev_test(cfg, lambda p: resolve_source_path(p, run), skip=not_built)
 
 
 def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None:
-    """The checks that apply to the stages about to run (the toy stage builds its own models)."""
+    """The checks that apply to the stages about to run; models and sources a stage of this run
+    is about to make (refs.producing_stage) are checked by that stage, not here."""
     from rdistill.estimates import disk_bytes
     check_run_dir(run, disk_bytes(cfg) if "generate" in to_run or "train" in to_run else 0.0)
     from rdistill.tracking import check_tracking
     check_tracking(cfg)  # only with tracking.required=true: the server answers, the credentials work
-    toy_now = "toy" in to_run
+    from rdistill.refs import producing_stage
+    made_now = lambda ref: producing_stage(ref) in to_run  # noqa: E731
     if "generate" in to_run:
         t = cfg.teacher
-        if t.backend == "vllm" and not (t.model.startswith("toy:") and toy_now):
+        if t.backend == "vllm" and not made_now(t.model):
             check_model(t.model, resolve_model(t.model, run), "teacher.model")
         elif t.backend == "openai" and t.base_url:
             from rdistill.llm.batch import api_key
@@ -177,10 +179,10 @@ def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None
         from rdistill.scoring.sandbox_check import check_sandbox
         check_sandbox(cfg.verify.sandbox, "preflight")
     if "train" in to_run or "merge" in to_run:
-        if cfg.student.base.startswith("toy:") and "toy" in to_run:
+        if made_now(cfg.student.base):
             return  # built by this very run
         base = resolve_model(cfg.student.base, run)
-        if os.path.isdir(base) or not cfg.student.base.startswith("toy:"):
+        if os.path.isdir(base) or producing_stage(cfg.student.base) is None:
             check_model(cfg.student.base, base, "student.base")
             check_student_tokenizer(base, cfg.train.chat_template)
             check_merge_inputs(cfg, run, base)

@@ -48,6 +48,14 @@ def resolve_model(ref: str, run: RunDir, student_base: str | None = None) -> str
     return ref  # a Hugging Face model id
 
 
+def producing_stage(ref: str) -> str | None:
+    """The stage of this run that makes a model or source reference (None: it exists outside the
+    run): toy:... the toy stage, branch:<d> and mixture the train stage, merge:... the merge."""
+    kind = ref.partition(":")[0]
+    return {"toy": "toy", "branch": "train", "merge": "merge"}.get(kind) or \
+        ("train" if ref == MIXTURE else "merge" if ref == "merged" else None)
+
+
 def toy_inputs(cfg) -> list[str]:
     """["toy"] when the config uses the toy world (a toy: model or source), else []: the toy
     stage is then an input like any other stage."""
@@ -66,10 +74,19 @@ def resolve_source_path(path: str, run: RunDir) -> str:
     return str(Path(path).expanduser().absolute())
 
 
-def chosen_merge(run: RunDir) -> Path:
-    """The merge the run settled on: evaluate's dev-split choice, else the merge stage's default."""
+def merge_selection(run: RunDir) -> dict | None:
+    """Which merge is the run's merge, in one place: the evaluate stage's dev-split choice (with
+    every candidate's dev scores), else the merge stage's default (its first candidate)."""
     for stage in ("evaluate", "merge"):
         sel = run.stage_dir(stage) / "selection.json"
         if sel.exists():
-            return run.root / json.loads(sel.read_text())["path"]  # stored relative to the run
-    raise ConfigError(f"no merged model in {run.root}: run the merge stage first (stages=[merge])")
+            return json.loads(sel.read_text())
+    return None
+
+
+def chosen_merge(run: RunDir) -> Path:
+    """The directory of the run's merge (see merge_selection)."""
+    sel = merge_selection(run)
+    if sel is None:
+        raise ConfigError(f"no merged model in {run.root}: run the merge stage first (stages=[merge])")
+    return run.root / sel["path"]  # stored relative to the run

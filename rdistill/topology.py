@@ -106,8 +106,8 @@ def eval_concurrency(cfg: ExperimentConfig, have: dict[str, Any], n_models: int)
 
 
 def eval_tensor_parallel(cfg: ExperimentConfig) -> int:
-    """GPUs per evaluation engine: eval.tensor_parallel_size on GPUs, 1 on CPUs."""
-    return cfg.eval.tensor_parallel_size if cfg.device == "gpu" else 1
+    """GPUs per evaluation engine: eval.engine.tensor_parallel_size on GPUs, 1 on CPUs."""
+    return cfg.eval.engine.tensor_parallel_size if cfg.device == "gpu" else 1
 
 
 @dataclass
@@ -134,11 +134,12 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
         p = StagePlan(stage)
         if stage == "generate":
             if t.backend == "vllm":
-                b = engine_placement(cfg.device, t.tensor_parallel_size, t.pipeline_parallel_size)["bundles"]
+                e = t.engine
+                b = engine_placement(cfg.device, e.tensor_parallel_size, e.pipeline_parallel_size)["bundles"]
                 p.resources = _sum(b, t.replicas)
                 p.resources["CPU"] = p.resources.get("CPU", 0) + 3 * LIGHT_CPU
-                p.notes.append(f"{t.replicas} vLLM replica(s) of {t.model}, tp={t.tensor_parallel_size} "
-                               f"pp={t.pipeline_parallel_size}")
+                p.notes.append(f"{t.replicas} vLLM replica(s) of {t.model}, tp={e.tensor_parallel_size} "
+                               f"pp={e.pipeline_parallel_size}")
             elif t.backend == "dataset":
                 p.resources = {"CPU": 1}
                 p.notes.append("imports the teacher's traces from the domains' sources (no model runs)")
@@ -161,9 +162,9 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             p.notes.append("branches run concurrently when the cluster holds "
                            + ", ".join(f"{k}={v:g}" for k, v in all_at_once.items()) + ", else queue")
         elif stage == "serve":
-            p.resources = serve_resources(cfg.device, cfg.serve.min_replicas, cfg.serve.tensor_parallel_size)
+            p.resources = serve_resources(cfg.device, cfg.serve.min_replicas, cfg.serve.engine.tensor_parallel_size)
             p.notes.append(f"{cfg.serve.min_replicas}-{cfg.serve.max_replicas} replica(s) of "
-                           f"{cfg.serve.model}, tp={cfg.serve.tensor_parallel_size}, port {cfg.serve.port}")
+                           f"{cfg.serve.model}, tp={cfg.serve.engine.tensor_parallel_size}, port {cfg.serve.port}")
         elif stage == "evaluate":
             b = engine_placement(cfg.device, eval_tensor_parallel(cfg))["bundles"]
             p.resources = _sum(b)

@@ -23,7 +23,7 @@ def test_vllm_generation_rows_columns_counts(tmp_path, ray_cluster):
     code = write_prompts(tmp_path / "src" / "code.jsonl", 5, domain="code")
     max_tokens = 24
     cfg = config(tmp_path / "run", {"math": math, "code": code},
-                 {"backend": "vllm", "name": "tiny", "model": str(model), "max_model_len": 256, "batch_size": 8},
+                 {"backend": "vllm", "name": "tiny", "model": str(model), "engine": {"max_model_len": 256}, "batch_size": 8},
                  sampling={"n": 2, "max_tokens": max_tokens})
     m = run_stage(cfg, RunDir(cfg.run_dir), "generate")["result"]
 

@@ -100,8 +100,9 @@ def test_models_says_503_until_the_model_has_answered():
 
 def test_llm_config_carries_placement_bounds_and_reasoning_parser(tmp_path):
     from rdistill.topology import engine_placement
-    spec = ServeSpec.from_config(ServeConfig(min_replicas=1, max_replicas=3, max_model_len=256,
-                                             engine_kwargs={"max_num_seqs": 8}),
+    from rdistill.config import EngineConfig
+    spec = ServeSpec.from_config(ServeConfig(min_replicas=1, max_replicas=3,
+                                             engine=EngineConfig(max_model_len=256, engine_kwargs={"max_num_seqs": 8})),
                                  str(tmp_path), "toy", "cpu")
     c = llm_config(spec)
     assert c.model_id == "toy" and c.model_loading_config.model_source == str(tmp_path)
@@ -110,7 +111,7 @@ def test_llm_config_carries_placement_bounds_and_reasoning_parser(tmp_path):
     assert (auto["min_replicas"], auto["max_replicas"]) == (1, 3)
     assert c.engine_kwargs["reasoning_parser"] == "deepseek_r1"
     assert c.engine_kwargs["max_model_len"] == 256 and c.engine_kwargs["max_num_seqs"] == 8
-    gpu = llm_config(ServeSpec(model="m", served_name="m", device="gpu", tensor_parallel_size=2))
+    gpu = llm_config(ServeSpec(model="m", served_name="m", device="gpu", engine=EngineConfig(tensor_parallel_size=2)))
     assert gpu.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
 
 
@@ -141,8 +142,8 @@ def test_bad_serve_config_fails_in_one_line():
     from rdistill.config import validated
     with pytest.raises(ConfigError, match="serve.max_replicas"):
         validated({"domains": {"m": {"train": {"path": "x"}}}, "serve": {"min_replicas": 3, "max_replicas": 2}})
-    with pytest.raises(ConfigError, match="serve.tensor_parallel_size"):
-        validated({"domains": {"m": {"train": {"path": "x"}}}, "serve": {"tensor_parallel_size": 0}})
+    with pytest.raises(ConfigError, match="serve.engine.tensor_parallel_size"):
+        validated({"domains": {"m": {"train": {"path": "x"}}}, "serve": {"engine": {"tensor_parallel_size": 0}}})
 
 
 def test_percentile_matches_numpy():

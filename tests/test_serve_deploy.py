@@ -66,7 +66,7 @@ def served(ray_cluster, tmp_path_factory):
     memorized_model(root / "merge" / "fusion" / "final")
     (root / "merge" / "selection.json").write_text(json.dumps({"path": "merge/fusion/final"}))
     cfg = validated({"name": "toy-served", "run_dir": str(root), "domains": {"m": {"train": {"path": "x"}}},
-                     "serve": {"port": free_port(), "api_key_env": KEY_ENV, "max_model_len": 256,
+                     "serve": {"port": free_port(), "api_key_env": KEY_ENV, "engine": {"max_model_len": 256},
                                "blocking": False}})
     os.environ[KEY_ENV] = KEY
     url = f"http://127.0.0.1:{cfg.serve.port}/v1"

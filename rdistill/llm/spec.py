@@ -12,9 +12,9 @@ plus any other columns, which are kept. Output rows add `completion` (str), `fin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Optional
 
-from rdistill.config import SamplingConfig, TeacherConfig
+from rdistill.config import EngineConfig, SamplingConfig, TeacherConfig
 
 
 @dataclass
@@ -29,11 +29,9 @@ class LLMSpec:
     """cpu: CPU placement bundles and vLLM's CPU backend; gpu: GPU bundles."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling settings of every row (`n` is expanded into rows by the caller)."""
-    max_model_len: int = 1024
-    dtype: str = "bfloat16"
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=1024))
+    """The vLLM engine's settings (its max_model_len also bounds prompts for an endpoint)."""
     batch_size: int = 16
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
     replicas: int = 1
     base_url: Optional[str] = None
     api_key_env: Optional[str] = None
@@ -44,26 +42,31 @@ class LLMSpec:
     timeout_s: float = 600.0
     max_in_flight: int = 64
     """Most requests an endpoint backend holds open at once, over all replicas."""
-    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.model
 
+    @property
+    def max_model_len(self) -> Optional[int]:
+        return self.engine.max_model_len
+
     @classmethod
     def for_student(cls, cfg, name: str, path: str) -> "LLMSpec":
-        """How a student model of the run (base, branch, merge) is sampled for evaluation."""
+        """How a student model of the run (base, branch, merge) is sampled for evaluation: the
+        eval engine, its context the student's unless set, one GPU share per engine on CPUs."""
+        import dataclasses
+
         from rdistill.topology import eval_tensor_parallel
+        engine = dataclasses.replace(cfg.eval.engine, tensor_parallel_size=eval_tensor_parallel(cfg),
+                                     max_model_len=cfg.eval.engine.max_model_len or cfg.student.max_model_len)
         return cls(model=path, name=name, backend="vllm", device=cfg.device, sampling=cfg.eval.sampling,
-                   max_model_len=cfg.student.max_model_len, batch_size=cfg.eval.batch_size,
-                   tensor_parallel_size=eval_tensor_parallel(cfg))
+                   engine=engine, batch_size=cfg.eval.batch_size)
 
     def engine_job(self, rows: list[dict]) -> dict:
         """A job for rdistill.llm.warm.WarmPool: this model, its engine arguments and sampling,
         and the rows' ids, chat messages and per-sample seeds."""
         from rdistill.llm.warm import engine_kwargs
-        return {"model": self.model, "name": self.name,
-                "kwargs": engine_kwargs(self.device, self.dtype, self.max_model_len, self.tensor_parallel_size,
-                                        extra=self.engine_kwargs),
+        return {"model": self.model, "name": self.name, "kwargs": engine_kwargs(self.device, self.engine),
                 "sampling": {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                              "max_tokens": self.sampling.max_tokens},
                 "rows": [{"id": r["id"], "messages": r["messages"], "seed": r.get("seed")} for r in rows]}

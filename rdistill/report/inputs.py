@@ -24,12 +24,10 @@ def results(run_dir: str | Path) -> list[dict]:
 
 
 def selection(run_dir: str | Path) -> dict | None:
-    """The run's chosen merge: evaluate's dev-split choice, else the merge stage's."""
-    for stage in ("evaluate", "merge"):
-        sel = _json(Path(run_dir) / stage / "selection.json")
-        if sel:
-            return sel
-    return None
+    """The run's chosen merge (rdistill.refs.merge_selection: the one owner of that choice)."""
+    from rdistill.refs import merge_selection
+    from rdistill.rundir import RunDir
+    return merge_selection(RunDir(run_dir))
 
 
 def search(run_dir: str | Path) -> dict | None:

@@ -39,7 +39,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from rdistill.config import ConfigError, RayConfig, ServeConfig
+    from rdistill.config import ConfigError, EngineConfig, RayConfig, ServeConfig
     from rdistill.config.fields import check
     from rdistill.log import setup
     from rdistill.refs import resolve_model
@@ -54,8 +54,8 @@ def main(argv: list[str]) -> int:
     try:
         sc = ServeConfig(served_name=a.name, min_replicas=a.min_replicas, max_replicas=a.max_replicas,
                          port=a.port, host=a.host, api_key_env=a.api_key_env,
-                         max_model_len=a.max_model_len, blocking=not a.no_block,
-                         tensor_parallel_size=a.tensor_parallel_size,
+                         engine=EngineConfig(max_model_len=a.max_model_len,
+                                             tensor_parallel_size=a.tensor_parallel_size), blocking=not a.no_block,
                          reasoning_parser=None if a.reasoning_parser == "none" else a.reasoning_parser)
         check(sc, "serve.")
         if a.no_block and not (a.address or os.environ.get("RAY_ADDRESS")):

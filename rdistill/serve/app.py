@@ -14,9 +14,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Optional
 
-from rdistill.config import ServeConfig
+from rdistill.config import EngineConfig, ServeConfig
 from rdistill.config.fields import ConfigError
 
 log = logging.getLogger("rdistill")
@@ -38,11 +38,9 @@ class ServeSpec:
     port: int = 8000
     api_key: Optional[str] = None
     """Key clients must send as `Authorization: Bearer <key>` (None: no auth)."""
-    max_model_len: int = 1024
-    dtype: str = "bfloat16"
-    tensor_parallel_size: int = 1
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=1024))
+    """Each replica's vLLM engine."""
     reasoning_parser: Optional[str] = "deepseek_r1"
-    engine_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -54,12 +52,17 @@ class ServeSpec:
         return APP_PREFIX + self.served_name.replace("/", "--")
 
     @classmethod
-    def from_config(cls, sc: ServeConfig, model: str, served_name: str, device: str) -> "ServeSpec":
+    def from_config(cls, sc: ServeConfig, model: str, served_name: str, device: str,
+                    student_len: Optional[int] = None) -> "ServeSpec":
         """The serve section's settings (every field the two share by name), plus the resolved
-        model, name and the key read from the environment."""
+        model, name, the key read from the environment, and the engine's context (the
+        student's when serve.engine leaves it unset)."""
+        import dataclasses
+
         from rdistill.config.fields import shared_fields
+        engine = dataclasses.replace(sc.engine, max_model_len=sc.engine.max_model_len or student_len)
         return shared_fields(sc, cls, model=model, served_name=served_name, device=device,
-                             api_key=api_key_from_env(sc.api_key_env))
+                             api_key=api_key_from_env(sc.api_key_env), engine=engine)
 
 
 def api_key_from_env(name: Optional[str]) -> Optional[str]:
@@ -97,13 +100,15 @@ def llm_config(spec: ServeSpec):
     from ray.serve.llm import LLMConfig
 
     from rdistill.topology import engine_placement
-    engine = dict(dtype=spec.dtype, max_model_len=spec.max_model_len,
-                  tensor_parallel_size=spec.tensor_parallel_size)
+    e = spec.engine
+    engine = dict(dtype=e.dtype, tensor_parallel_size=e.tensor_parallel_size)
+    if e.max_model_len:
+        engine["max_model_len"] = e.max_model_len
     if spec.device == "cpu":
         engine["enforce_eager"] = True  # no graph capture on the CPU backend; starts faster
     if spec.reasoning_parser:
         engine["reasoning_parser"] = spec.reasoning_parser
-    engine.update(spec.engine_kwargs)
+    engine.update(e.engine_kwargs)
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "TOKENIZERS_PARALLELISM": "false"}
     from rdistill.serve.warmup import WarmLLMServer
@@ -111,7 +116,7 @@ def llm_config(spec: ServeSpec):
         server_cls=WarmLLMServer,  # a replica takes traffic only after it has generated
         model_loading_config=dict(model_id=spec.served_name, model_source=spec.model),
         engine_kwargs=engine,
-        placement_group_config=engine_placement(spec.device, spec.tensor_parallel_size),
+        placement_group_config=engine_placement(spec.device, e.tensor_parallel_size),
         runtime_env={"env_vars": env},
         deployment_config=dict(autoscaling_config=dict(
             min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
@@ -137,7 +142,7 @@ def deploy(spec: ServeSpec, timeout_s: float = 1800.0) -> dict:
 
     from rdistill.topology import fits, serve_resources
     check_model_dir(spec.model)
-    short = fits(serve_resources(spec.device, spec.min_replicas, spec.tensor_parallel_size),
+    short = fits(serve_resources(spec.device, spec.min_replicas, spec.engine.tensor_parallel_size),
                  ray.cluster_resources())
     if short:  # serve.run waits for replicas with no time limit; say why it may wait forever
         log.warning("serve: the cluster is short of what %d replica(s) need (%s); Serve waits "

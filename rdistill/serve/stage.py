@@ -20,7 +20,8 @@ from rdistill.serve.app import ServeSpec, deploy, undeploy
 
 def spec_of(ctx: StageContext) -> ServeSpec:
     sc = ctx.cfg.serve
-    return ServeSpec.from_config(sc, ctx.model(sc.model), sc.served_name or ctx.cfg.name, ctx.cfg.device)
+    return ServeSpec.from_config(sc, ctx.model(sc.model), sc.served_name or ctx.cfg.name, ctx.cfg.device,
+                                 ctx.cfg.student.max_model_len)
 
 
 def run(ctx: StageContext) -> dict:
