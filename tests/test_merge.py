@@ -194,7 +194,7 @@ def test_elementwise_methods_stream_big_tensors_in_row_blocks(tmp_path, monkeypa
         out = tmp_path / method
         out.mkdir()
         create_shards(out, headers)
-        unit = execute.Unit([(t, [m[t.name] for m in dirs], None, shared, per, 0) for t in placed])
+        unit = execute.Unit([execute.UnitTensor(t, [m[t.name] for m in dirs], None, shared, per, 0) for t in placed])
         res = execute.merge_unit(method, str(dtype).split(".")[1], str(out), unit, False)
         assert res["tensors"] == 2 and res["nonfinite"] == []
         got = load_file(out / "model.safetensors")

@@ -60,9 +60,23 @@ class Options:
 
 
 @dataclass
+class UnitTensor:
+    """One output tensor's work: where it goes, where its inputs are, and its parameters."""
+    out: OutTensor
+    locs: list
+    """The inputs' TensorLocs, in the method's order (base first)."""
+    rows: Optional[int]
+    """Rows to keep of embeddings of different vocab sizes (None: all)."""
+    shared: dict
+    per: list
+    """One parameter dict per non-base model."""
+    seed: int
+
+
+@dataclass
 class Unit:
     tensors: list = field(default_factory=list)
-    """(OutTensor, [TensorLoc per input], rows or None, shared params, per-model params, seed)."""
+    """UnitTensors merged by one task."""
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -113,73 +127,100 @@ def _merge_in_threads(units: list, args: tuple, use_gpu: bool, width: int) -> li
         torch.set_num_threads(keep)
 
 
-def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_gpu: bool) -> dict:
-    """One Ray task: merge and write the unit's tensors. Returns counts and the tensors that came
-    out non-finite."""
-    import resource
+class _TensorIO:
+    """One task's reads and writes: open-file caches, the compute device and dtype, and the
+    tensors that came out non-finite."""
 
-    import torch
+    def __init__(self, out_dir: str, dtype: Optional[str], use_gpu: bool):
+        import torch
+        self.out_dir, self.dtype = out_dir, dtype
+        self.dev = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.rh: dict = {}
+        self.wh: dict = {}
+        self.bad: list[str] = []
 
-    from rdistill.merge.methods import merge_tensor
-    from rdistill.merge.st_io import ST_DTYPES, read_tensor, write_tensor
-    from rdistill.merge.ties_stream import ties_blocks
-    dev = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    t0 = time.time()
-    rh, wh, bad, nbytes = {}, {}, [], 0
+    def load(self, locs: list, rows: Optional[int]) -> list:
+        """The inputs' tensors, cut to `rows`, on the device in the compute dtype (the step's,
+        else the inputs' promoted dtype, as mergekit does)."""
+        import torch
 
-    def load(locs, rows):
-        xs = [read_tensor(loc, rh) for loc in locs]
+        from rdistill.merge.st_io import read_tensor
+        xs = [read_tensor(loc, self.rh) for loc in locs]
         if rows is not None:
             xs = [x.narrow(0, 0, rows) for x in xs]
         if all(x.is_floating_point() for x in xs):
-            target = getattr(torch, dtype) if dtype else xs[0].dtype
-            if not dtype:
+            target = getattr(torch, self.dtype) if self.dtype else xs[0].dtype
+            if not self.dtype:
                 for x in xs[1:]:
                     target = torch.promote_types(target, x.dtype)
-            xs = [x.to(device=dev, dtype=target) for x in xs]
+            xs = [x.to(device=self.dev, dtype=target) for x in xs]
         return xs
 
-    def write(out, y):
+    def write(self, out: OutTensor, y) -> None:
+        import torch
+
+        from rdistill.merge.st_io import ST_DTYPES, write_tensor
         y = y.to(device="cpu", dtype=ST_DTYPES[out.dtype])
         if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-            bad.append(out.name)
-        write_tensor(out_dir, out, y, wh)
+            self.bad.append(out.name)
+        write_tensor(self.out_dir, out, y, self.wh)
 
-    try:
-        for whole, locs, rows, shared, per, seed in unit.tensors:
-            kinds = {loc.dtype for loc in locs}
-            compute = dtype if kinds <= set(_FLOAT_RANK) else None
-            if compute is None and len(kinds) == 1:
-                compute = {"BF16": "bfloat16", "F16": "float16"}.get(kinds.pop())
-            streamed_ties = method == "ties" and compute in ("bfloat16", "float16") and not shared["rescale"]
-            pieces = list(_row_blocks(whole, locs, rows, split=streamed_ties or (
-                method in ELEMENTWISE and whole.nbytes > BLOCK_BYTES)))
-            if streamed_ties:
-                numel = whole.nbytes // torch.empty(0, dtype=ST_DTYPES[whole.dtype]).element_size()
-                for out, y in ties_blocks(lambda: ((o, load(ls, r)) for o, ls, r in pieces), numel, shared, per):
-                    write(out, y)
-            else:
-                for out, ls, r in pieces:
-                    gens = []
-                    for i in range(max(1, len(per))):
-                        g = torch.Generator(device=dev)
-                        g.manual_seed(seed + i)
-                        gens.append(g)
-                    write(out, merge_tensor(method, load(ls, r), shared, per, gens, out.name))
-            nbytes += whole.nbytes
-    finally:
-        for f in rh.values():
+    def close(self) -> None:
+        for f in self.rh.values():
             f.close()
-        for fd in wh.values():
+        for fd in self.wh.values():
             os.close(fd)
-    return {"tensors": len(unit.tensors), "bytes": nbytes, "nonfinite": bad, "seconds": time.time() - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pid": os.getpid()}
+
+
+def _merge_one(io: _TensorIO, method: str, t: UnitTensor) -> None:
+    """Merge one output tensor: whole, or in blocks of rows (element-wise methods on big
+    tensors; TIES in 16-bit dtypes in two streamed passes)."""
+    import torch
+
+    from rdistill.merge.methods import merge_tensor
+    from rdistill.merge.st_io import ST_DTYPES
+    from rdistill.merge.ties_stream import ties_blocks
+    kinds = {loc.dtype for loc in t.locs}
+    compute = io.dtype if kinds <= set(_FLOAT_RANK) else None
+    if compute is None and len(kinds) == 1:
+        compute = {"BF16": "bfloat16", "F16": "float16"}.get(kinds.pop())
+    streamed_ties = method == "ties" and compute in ("bfloat16", "float16") and not t.shared["rescale"]
+    pieces = list(_row_blocks(t.out, t.locs, t.rows, split=streamed_ties or (
+        method in ELEMENTWISE and t.out.nbytes > BLOCK_BYTES)))
+    if streamed_ties:
+        numel = t.out.nbytes // torch.empty(0, dtype=ST_DTYPES[t.out.dtype]).element_size()
+        for out, y in ties_blocks(lambda: ((o, io.load(ls, r)) for o, ls, r in pieces), numel, t.shared, t.per):
+            io.write(out, y)
+        return
+    for out, ls, r in pieces:
+        gens = []
+        for i in range(max(1, len(t.per))):  # a generator per model, seeded per tensor
+            g = torch.Generator(device=io.dev)
+            g.manual_seed(t.seed + i)
+            gens.append(g)
+        io.write(out, merge_tensor(method, io.load(ls, r), t.shared, t.per, gens, out.name))
+
+
+def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_gpu: bool) -> dict:
+    """One task: merge and write the unit's tensors. Returns counts and the tensors that came
+    out non-finite."""
+    import resource
+    t0 = time.time()
+    io = _TensorIO(out_dir, dtype, use_gpu)
+    try:
+        for t in unit.tensors:
+            _merge_one(io, method, t)
+    finally:
+        io.close()
+    return {"tensors": len(unit.tensors), "bytes": sum(t.out.nbytes for t in unit.tensors), "nonfinite": io.bad,
+            "seconds": time.time() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "pid": os.getpid()}
 
 
 def _units(items: list, target: int) -> list[Unit]:
     units, size = [Unit()], 0
     for item in items:
-        n = sum(loc.nbytes for loc in item[1])
+        n = sum(loc.nbytes for loc in item.locs)
         if units[-1].tensors and size + n > target:
             units.append(Unit())
             size = 0
@@ -232,11 +273,12 @@ def check_loads(out_dir: Path, placed: list[OutTensor]) -> None:
 
 
 def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str] = lambda r: r,
-             opts: Options = Options(), log: Callable[[str], None] = print) -> dict:
+             opts: Optional[Options] = None, log: Callable[[str], None] = print) -> dict:
     """Merge one step into out_dir (replaced when complete). Returns counts and timings."""
     import ray
 
     from rdistill.topology import merge_task_options
+    opts = opts or Options()
     t0 = time.time()
     out_dir = Path(out_dir).absolute()
     refs = step.inputs
@@ -257,8 +299,8 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
             locs = [m.tensors[out.name] for m in models]
             rows = shapes[out.name][0] if any(loc.shape != shapes[out.name] for loc in locs) else None
             shared, per = tensor_parameters(step, out.name, layers)
-            items.append((out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
-        total_in = sum(loc.nbytes for it in items for loc in it[1])
+            items.append(UnitTensor(out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
+        total_in = sum(loc.nbytes for it in items for loc in it.locs)
         cpus = (os.cpu_count() or 1) if opts.in_process else int(ray.cluster_resources().get("CPU", 1))
         width = opts.num_tasks or cpus
         target = opts.unit_bytes or min(256 << 20, max(4 << 20, total_in // (4 * width)))
