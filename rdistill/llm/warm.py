@@ -137,8 +137,10 @@ class WarmEngine:
 
 def _actor_options(device: str, tp: int) -> dict:
     """One engine per actor: a CPU on CPUs (vLLM's CPU backend), `tp` GPUs on GPUs (vLLM's own
-    multiprocessing executor spreads the shards over the GPUs Ray gives the actor)."""
-    return {"num_cpus": 1, "num_gpus": 0 if device == "cpu" else tp, "max_concurrency": 1}
+    multiprocessing executor spreads the shards over the GPUs Ray gives the actor); the engines
+    spread over the cluster's nodes."""
+    return {"num_cpus": 1, "num_gpus": 0 if device == "cpu" else tp, "max_concurrency": 1,
+            "scheduling_strategy": "SPREAD"}
 
 
 class WarmPool:
