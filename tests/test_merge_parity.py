@@ -213,7 +213,8 @@ def test_merge_stage_runs_candidates_and_selects_the_first(ray_cluster, models, 
     shutil.copytree(models["base"], run.stage_dir("toy") / "models" / "base")
     for domain, v in (("math", "v0"), ("science", "v1"), ("code", "v2")):
         shutil.copytree(models[v], run.stage_dir("train") / domain)
-    cfg = load([f"run_dir={run.root}", "stages=[merge]", "merge.num_tasks=2"])  # conf/merge/toy_fusion
+    cfg = load([f"run_dir={run.root}", "stages=[merge]", "merge=toy_fusion",
+                "merge.num_tasks=2"])  # the Fusion chain alone, no search (no dev set here)
     cfg.merge.candidates.append(MergeCandidateConfig(name="ties3", steps=[MergeStepConfig(
         name="t", merge_method="ties", base_model="base", parameters={"density": 0.5},
         models=[MergeModelConfig(model=f"branch:{d}", parameters={"weight": 1.0}) for d in ("math", "code", "science")])]))

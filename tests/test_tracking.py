@@ -443,7 +443,7 @@ def test_wandb_offline_run_tree_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr("rdistill.topology.init_ray", lambda rc: {})
     # a finished run's outputs for the report (as in test_report.py), made by hand
     _dump(run_dir / "evaluate" / "results.json", _results())
-    for stage, result in [("evaluate", {}), ("train", {}), ("generate", {}),
+    for stage, result in [("evaluate", {}), ("train", {}), ("generate", {}), ("merge", {}),
                           ("verify", {"funnel": {d: [["generated", 40], ["kept", 30]] for d in DOMS}})]:
         _dump(run_dir / stage / "manifest.json", {"fingerprint": f"{stage}-1", "result": result})
     real, calls = pipeline.stage_fn, []

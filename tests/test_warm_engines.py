@@ -14,8 +14,8 @@ from rdistill.toy.domains import records
 pytestmark = pytest.mark.slow
 
 KW = engine_kwargs("cpu", EngineConfig(max_model_len=512))
-GREEDY = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64}
-SAMPLED = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 64}
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 128}  # science traces run ~90 tokens
+SAMPLED = {"temperature": 0.6, "top_p": 0.95, "max_tokens": 128}
 
 
 def _rows(n: int = 24) -> list[dict]:
