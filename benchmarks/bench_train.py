@@ -14,11 +14,12 @@ Then the framework's overhead: the same packed rows trained for --steps steps by
 process (torch AdamW, same model, batches, forward and loss, 1 thread like the worker), alternating
 --repeats times; the ratio of median step times (warm-up steps excluded).
 
-First, one line on the loss's memory: the peak memory of one forward+backward of the loss over a
-152k vocabulary (Qwen's) for --loss-tokens tokens, with the full [tokens, vocab] logits
-(train.loss_chunk_tokens=0) and with the chunked loss, side by side; each variant runs in a fresh
-process (peak RSS over the RSS before the step on CPUs, max_memory_allocated on GPUs).
-`--loss-memory-only` stops after it.
+First, the loss over a 152k vocabulary (Qwen's): peak memory and time of one forward+backward
+for each of --loss-tokens (default 4096 and 8192 tokens), with the full [tokens, vocab] logits
+(train.loss_chunk_tokens=0) and with the chunked loss at each of --loss-chunks, side by side as a
+markdown table (goal: memory >= 5x lower, time within 1.2x). Each variant runs in a fresh process
+(peak RSS over the RSS before the first pass on CPUs, max_memory_allocated on GPUs); its time is
+the median of --loss-repeats passes. `--loss-only` (or the older `--loss-memory-only`) stops after it.
 """
 
 from __future__ import annotations
@@ -64,16 +65,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="steps per overhead run")
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the step-time median")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--loss-tokens", type=int, default=2048, help="tokens of the loss-memory line")
-    ap.add_argument("--loss-chunks", default="512,4096", help="chunk sizes of the loss-memory line")
-    ap.add_argument("--loss-memory-only", action="store_true")
+    ap.add_argument("--loss-tokens", default="4096,8192", help="token counts of the loss line")
+    ap.add_argument("--loss-chunks", default="512,4096", help="chunk sizes of the loss line")
+    ap.add_argument("--loss-repeats", type=int, default=3, help="timed passes per loss variant (median)")
+    ap.add_argument("--loss-only", "--loss-memory-only", dest="loss_memory_only", action="store_true",
+                    help="stop after the loss line")
     args = ap.parse_args()
 
-    mem = {c: loss_peak_memory(args.loss_tokens, c) for c in [0] + [int(x) for x in args.loss_chunks.split(",")]}
-    print(f"\nloss memory, vocab {VOCAB}, {args.loss_tokens} tokens, hidden {LOSS_HIDDEN}, fp32: full logits "
-          f"{mem[0] / 2**30:.2f} GiB peak; " + "; ".join(f"chunked ({c} tokens) {m / 2**30:.2f} GiB "
-                                                      f"({mem[0] / m:.1f}x less)" for c, m in mem.items() if c),
-          flush=True)
+    loss_table([int(x) for x in args.loss_tokens.split(",")], [int(x) for x in args.loss_chunks.split(",")],
+               args.loss_repeats)
     if args.loss_memory_only:
         return
 
@@ -139,14 +139,44 @@ def main() -> None:
 VOCAB, LOSS_HIDDEN = 151936, 256  # Qwen2's vocabulary; a small hidden size keeps the model cheap
 
 
-def loss_peak_memory(tokens: int, chunk: int) -> int:
-    """Peak bytes of one loss forward+backward (chunk 0: full logits), in a fresh process."""
+def loss_table(tokens: list[int], chunks: list[int], repeats: int) -> list[dict]:
+    """Peak memory and time of the full-logits loss vs the chunked loss, one row per (tokens, chunk)."""
+    rows = []
+    for n in tokens:
+        full = loss_peak_memory(n, 0, repeats)
+        for c in chunks:
+            ch = loss_peak_memory(n, c, repeats)
+            rows.append({"tokens": n, "chunk": c, "full_bytes": full["peak"], "chunked_bytes": ch["peak"],
+                         "full_s": full["s"], "chunked_s": ch["s"]})
+    print(f"\nloss forward+backward, vocab {VOCAB}, hidden {LOSS_HIDDEN}, fp32, median of {repeats} passes, "
+          "each variant in a fresh process\n")
+    print("| tokens | chunk | full GiB | chunked GiB | memory ratio | full s | chunked s | time ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['chunk']} | {r['full_bytes'] / 2**30:.2f} | {r['chunked_bytes'] / 2**30:.2f} | "
+              f"{r['full_bytes'] / max(1, r['chunked_bytes']):.1f}x | {r['full_s']:.2f} | {r['chunked_s']:.2f} | "
+              f"{r['chunked_s'] / r['full_s']:.2f}x |")
+    print("\ngoal: memory ratio >= 5x, time ratio (chunked / full) <= 1.2x", flush=True)
+    return rows
+
+
+def loss_peak_memory(tokens: int, chunk: int, repeats: int = 1) -> dict:
+    """{"peak": bytes, "s": median seconds} of loss forward+backward (chunk 0: full logits),
+    in a fresh process so that one variant's peak never hides another's."""
     import multiprocessing as mp
+    import queue
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_loss_peak_child, args=(tokens, chunk, q))
+    p = ctx.Process(target=_loss_peak_child, args=(tokens, chunk, repeats, q))
     p.start()
-    out = q.get()
+    while True:  # fail instead of waiting forever when the child dies (out of memory) without a result
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"loss benchmark child ({tokens} tokens, chunk {chunk}) died, exit code "
+                                   f"{p.exitcode}: out of memory? see its traceback above") from None
     p.join()
     return out
 
@@ -157,7 +187,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _loss_peak_child(tokens: int, chunk: int, q) -> None:
+def _loss_peak_child(tokens: int, chunk: int, repeats: int, q) -> None:
     import resource
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -171,18 +201,28 @@ def _loss_peak_child(tokens: int, chunk: int, q) -> None:
     model = Qwen2ForCausalLM(cfg).to("cuda" if gpu else "cpu")
     ids = torch.randint(0, VOCAB, (1, tokens))
     batch = {"input_ids": ids, "position_ids": torch.arange(tokens)[None], "targets": ids.roll(-1, 1)}
+    # Gradients exist from the first pass on: allocate them now so the base already holds them
+    # and the peak is the loss's own (the same for both variants either way).
+    for prm in model.parameters():
+        prm.grad = torch.zeros_like(prm)
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss()
-    token_losses(model, batch, chunk).sum().backward()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        token_losses(model, batch, chunk).sum().backward()
+        if gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     if gpu:
-        torch.cuda.synchronize()
-        q.put(torch.cuda.max_memory_allocated() - base)
-    else:
-        q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # ru_maxrss is the high-water mark of the whole process, hence a fresh one per variant
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    q.put({"peak": peak, "s": statistics.median(times)})
 
 
 def plain_loop(model_dir: str, data_file: Path, cfg) -> list[float]:

@@ -3,7 +3,6 @@ Ray Data tokenizer, each against the path it replaces."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -217,7 +216,7 @@ def _sp_rank(rank: int, world: int, port: int, model_dir: str, batch: dict, zero
     local = shard(batch, rank, world)
     res = {}
     for zero in zeros:
-        tc = dataclasses.asdict(TrainConfig(zero_stage=zero, sequence_parallel_size=world, micro_batch_size=1))
+        tc = TrainConfig(zero_stage=zero, sequence_parallel_size=world, micro_batch_size=1)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                           config=ds_config(tc, False), mpu=mpu)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rdistill.config.fields import DTYPES
 from rdistill.errors import ConfigError
 from rdistill.merge.methods import METHODS
+
+if TYPE_CHECKING:
+    from rdistill.config import MergeStepConfig
 
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 # mergekit keys this implementation does not take: say so rather than silently ignore them
@@ -95,6 +98,15 @@ def step_from_dict(d: dict, name: str = "merged") -> MergeStep:
     step = MergeStep(method, models, d.get("base_model"), dict(d.get("parameters") or {}),
                      _dtype(d.get("dtype"), "dtype"), _dtype(d.get("out_dtype"), "out_dtype"),
                      d.get("name") or name)
+    check_step(step)
+    return step
+
+
+def step_from_config(c: "MergeStepConfig") -> MergeStep:
+    """A step from the pipeline's typed config (the Hydra merge.candidates[*].steps), field by
+    field: the config already checked the method and dtypes against the same enums."""
+    step = MergeStep(c.merge_method, [ModelInput(m.model, dict(m.parameters)) for m in c.models], c.base_model,
+                     dict(c.parameters), _dtype(c.dtype, "dtype"), _dtype(c.out_dtype, "out_dtype"), c.name)
     check_step(step)
     return step
 

@@ -17,7 +17,7 @@ from rdistill import tracking
 from rdistill.config import ConfigError, to_dict
 from rdistill.log import log
 from rdistill.merge.execute import Options, run_step
-from rdistill.merge.plan import PlanError, step_from_dict
+from rdistill.merge.plan import PlanError, step_from_config
 from rdistill.rundir import write_json_atomic
 from rdistill.stage_api import Stage
 
@@ -55,7 +55,7 @@ def run(ctx) -> dict:
         trk = tracking.current().child("merge", cand.name, to_dict(cand))  # time and memory per step
         for i, step_cfg in enumerate(cand.steps):
             try:
-                step = step_from_dict(to_dict(step_cfg), name=step_cfg.name)
+                step = step_from_config(step_cfg)
             except PlanError as e:
                 raise ConfigError(f"merge.candidates.{cand.name}.steps[{i}]: {e}") from None
             dest = ctx.out / cand.name / step.name

@@ -18,31 +18,67 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from rdistill.config import TrainConfig
 
 STATE = "state.json"
 DS_TAG = "ds"
 HF_DIR = "hf"
 
 
-def ds_config(tc: dict, bf16: bool) -> dict:
-    """DeepSpeed config from a TrainConfig dict. torch_adam: DeepSpeed's own CPU/fused Adam would
+@dataclass
+class LoopConfig:
+    """What the driver hands every worker (through TorchTrainer's train_loop_config)."""
+    name: str
+    """The branch's run name (log prefix, Ray Train run name)."""
+    model_dir: str
+    """HF directory of the model the branch starts from."""
+    data_file: str
+    """Packed-rows directory (rdistill.data.packing), memory-mapped by every rank."""
+    train: TrainConfig
+    """The branch's resolved training settings."""
+    total_steps: int
+    """Optimizer steps of the whole run (the scheduler's horizon)."""
+    device: str
+    """'cpu' or 'gpu'."""
+    bf16: bool
+    """Train in bf16 (resolved from train.precision and the device)."""
+    attn: str
+    """HF attention implementation: sdpa, or flash_attention_2 where installed."""
+    pad_id: int
+    """The tokenizer's pad id for padded rows."""
+    log_every: int
+    """Rank 0 prints a progress line every this many steps."""
+    progress_file: str | None
+    """JSONL of per-step metrics, appended by rank 0 (tailed by tracking and the benchmarks)."""
+    snapshot: str
+    """Ray Train's checkpoint-manager snapshot (the fault hook waits for a registered checkpoint)."""
+    snapshots: str
+    """Folder of the HF snapshots written at train.save_steps."""
+    faults: list[dict] = field(default_factory=list)
+    """Test hook: kill rank `rank` at step `step` once (`once_file` marks it done)."""
+
+
+def ds_config(tc: TrainConfig, bf16: bool) -> dict:
+    """DeepSpeed config from a TrainConfig. torch_adam: DeepSpeed's own CPU/fused Adam would
     be JIT-compiled on first use (minutes); torch's AdamW needs no build."""
-    zero: dict = {"stage": tc["zero_stage"]}
-    if tc["zero_stage"] == 3:
+    zero: dict = {"stage": tc.zero_stage}
+    if tc.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for the HF save
         zero["reduce_scatter"] = True  # the gradient averaging sequence_parallel.grad_scale assumes
-    sp = tc.get("sequence_parallel_size", 1)
+    sp = tc.sequence_parallel_size
     # Read by DeepSpeed where no mpu is passed (HF's ZeRO-3 loading): batch = per-replica counts.
     extra = {"sequence_parallel_size": sp} if sp > 1 else {}
     return {**extra,
-        "train_micro_batch_size_per_gpu": tc["micro_batch_size"],
-        "gradient_accumulation_steps": tc["grad_accum"],
-        "gradient_clipping": tc["grad_clip"],
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_clipping": tc.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
-            "lr": tc["lr"], "betas": [tc["adam_beta1"], tc["adam_beta2"]], "eps": tc["adam_eps"],
-            "weight_decay": tc["weight_decay"], "torch_adam": True}},
+            "lr": tc.lr, "betas": [tc.adam_beta1, tc.adam_beta2], "eps": tc.adam_eps,
+            "weight_decay": tc.weight_decay, "torch_adam": True}},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -75,7 +111,8 @@ def _save_hf(engine, model_dir: str, out: Path, rank: int, bf16: bool) -> None:
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 
 
-def train_loop(config: dict) -> None:
+def train_loop(loop_config: dict) -> None:
+    """TorchTrainer's entry: `loop_config` is {"loop": LoopConfig} (Ray passes a dict)."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -89,8 +126,9 @@ def train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tc, total = config["train"], config["total_steps"]
-    say = (lambda *a: print(f"[{config['name']}]", *a, flush=True)) if rank == 0 else (lambda *a: None)
+    config: LoopConfig = loop_config.loop
+    tc, total = config.train, config.total_steps
+    say = (lambda *a: print(f"[{config.name}]", *a, flush=True)) if rank == 0 else (lambda *a: None)
 
     t_start = time.perf_counter()
     ckpt = ray.train.get_checkpoint()
@@ -106,30 +144,30 @@ def train_loop(config: dict) -> None:
 
     import deepspeed
     from transformers import AutoModelForCausalLM, get_scheduler
-    gpu = config["device"] == "gpu"
+    gpu = config.device == "gpu"
     if not gpu:
         _no_shm_comm_build()
-    bf16 = config["bf16"]
+    bf16 = config.bf16
     dsc = ds_config(tc, bf16)
     deepspeed.init_distributed()  # wraps Ray Train's process group (ZeRO-3 loading needs it first)
-    sp = tc.get("sequence_parallel_size", 1)  # .get: a driver started before these settings
+    sp = tc.sequence_parallel_size
     # SP groups and the Ulysses attention wrapper, before the model exists (ZeRO-3 loads into it).
-    mpu = setup_ulysses(config["model_dir"], config["attn"], sp) if sp > 1 else None
+    mpu = setup_ulysses(config.model_dir, config.attn, sp) if sp > 1 else None
     keep = None
-    if tc["zero_stage"] == 3:  # partition weights while loading instead of a full copy per rank
+    if tc.zero_stage == 3:  # partition weights while loading instead of a full copy per rank
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
         keep = HfDeepSpeedConfig(dsc)  # noqa: F841 (must stay alive during from_pretrained)
-    torch.manual_seed(tc["seed"])
+    torch.manual_seed(tc.seed)
     # bf16 weights in the module (DeepSpeed keeps fp32 master copies in the optimizer).
-    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 attn_implementation=config["attn"])
-    if tc["gradient_checkpointing"]:
+    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation=config.attn)
+    if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    warmup = int(round(tc["warmup_ratio"] * total))
+    warmup = int(round(tc.warmup_ratio * total))
     engine, _, _, sched = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=dsc, mpu=mpu,
-        lr_scheduler=lambda opt: get_scheduler(tc["scheduler"], opt, num_warmup_steps=warmup,
+        lr_scheduler=lambda opt: get_scheduler(tc.scheduler, opt, num_warmup_steps=warmup,
                                                num_training_steps=total))
     del keep
     if ckpt:
@@ -139,29 +177,29 @@ def train_loop(config: dict) -> None:
         state["resumed_from"] = state.get("resumed_from", []) + [state["step"]]
 
     say(f"rank 0 of {world}: model and DeepSpeed ready in {time.perf_counter() - t_start:.1f}s")
-    rows = PackedRows(config["data_file"])  # memory-mapped: this rank reads only its rows
-    mb, ga = tc["micro_batch_size"], tc["grad_accum"]
+    rows = PackedRows(config.data_file)  # memory-mapped: this rank reads only its rows
+    mb, ga = tc.micro_batch_size, tc.grad_accum
     per_rank = mb * ga
     dp_rank, dp_world, sp_rank = rank // sp, world // sp, rank % sp
     # One (1, T) row per micro-batch for FA2's varlen path and for SP (padded to a multiple of sp).
-    flat = sp > 1 or config["attn"] == "flash_attention_2"
-    chunk, scale = tc.get("loss_chunk_tokens", 4096), grad_scale(sp, tc["zero_stage"])
+    flat = sp > 1 or config.attn == "flash_attention_2"
+    chunk, scale = tc.loss_chunk_tokens, grad_scale(sp, tc.zero_stage)
     kernel = "liger" if gpu and chunk and liger_available() else "chunked"
     loss_how = "full logits" if not chunk else "Liger fused" if kernel == "liger" else f"{chunk}-token chunks"
-    say(f"loss: {loss_how}, attention {config['attn']}, sequence parallel {sp}, {dp_world} data-parallel replica(s)")
-    progress = Path(config["progress_file"]) if config.get("progress_file") and rank == 0 else None
+    say(f"loss: {loss_how}, attention {config.attn}, sequence parallel {sp}, {dp_world} data-parallel replica(s)")
+    progress = Path(config.progress_file) if config.progress_file and rank == 0 else None
     engine.train()
     for step in range(state["step"], total):
-        for f in config["faults"]:  # test hook: a worker dying mid-run, once per once_file
+        for f in config.faults:  # test hook: a worker dying mid-run, once per once_file
             if rank == f["rank"] and step == f["step"] and not os.path.exists(f["once_file"]):
-                _wait_registered(config["snapshot"], step // tc["checkpoint_every"] * tc["checkpoint_every"])
+                _wait_registered(config.snapshot, step // tc.checkpoint_every * tc.checkpoint_every)
                 Path(f["once_file"]).touch()
                 os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
-        mine = step_rows(len(rows), step, per_rank * dp_world, tc["seed"])[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        mine = step_rows(len(rows), step, per_rank * dp_world, tc.seed)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         stats = torch.zeros(4, dtype=torch.float64)  # loss sum, loss tokens, real tokens, padded tokens
         for m in range(ga):
-            b = rows.batch(mine[m * mb:(m + 1) * mb], config["pad_id"], flat=flat, multiple=sp)
+            b = rows.batch(mine[m * mb:(m + 1) * mb], config.pad_id, flat=flat, multiple=sp)
             n = (b["targets"] != IGNORE).sum()  # of the whole row: SP slices sum to the row's mean
             if sp > 1:
                 b = shard(b, sp_rank, sp)
@@ -182,13 +220,13 @@ def train_loop(config: dict) -> None:
         if progress:
             with progress.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if (step + 1) % config["log_every"] == 0 or step + 1 == total:
+        if (step + 1) % config.log_every == 0 or step + 1 == total:
             say(f"step {step + 1}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                 f"{rec['tokens_per_s']:.0f} tok/s")
-        if step + 1 in tc.get("save_steps", ()) and step + 1 < total:
-            _save_hf(engine, config["model_dir"], Path(config["snapshots"]) / f"step-{step + 1}", rank, bf16)
+        if step + 1 in (tc.save_steps or ()) and step + 1 < total:
+            _save_hf(engine, config.model_dir, Path(config.snapshots) / f"step-{step + 1}", rank, bf16)
             say(f"snapshot of step {step + 1} written")
-        if (step + 1) % tc["checkpoint_every"] == 0 and step + 1 < total:
+        if (step + 1) % tc.checkpoint_every == 0 and step + 1 < total:
             tmp = Path(tempfile.mkdtemp(prefix="rdistill-ckpt-"))
             engine.save_checkpoint(str(tmp), tag=DS_TAG)  # every rank writes its shards
             if rank == 0:
@@ -197,7 +235,7 @@ def train_loop(config: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="rdistill-final-"))
-    _save_hf(engine, config["model_dir"], tmp / HF_DIR, rank, bf16)
+    _save_hf(engine, config.model_dir, tmp / HF_DIR, rank, bf16)
     state["final"] = True
     state["workers_finished"] = time.time()
     state["last"] = _summary(state, total)

@@ -138,7 +138,7 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
 
     from rdistill.config import RayConfig
     from rdistill.topology import init_ray, train_scaling
-    from rdistill.train.loop import HF_DIR, STATE, train_loop
+    from rdistill.train.loop import HF_DIR, STATE, LoopConfig, train_loop
 
     t0 = time.time()
     cfg, name, data, total, device = job.cfg, job.name, job.data, job.total_steps, job.device
@@ -148,12 +148,12 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
              "bf16" if bf16 else "fp32", cfg.zero_stage, cfg.num_workers)
     if not ray.is_initialized():
         init_ray(RayConfig())
-    loop_cfg = {"name": name, "model_dir": job.model_dir, "data_file": str(job.data_file),
-                "train": dataclasses.asdict(cfg), "total_steps": total, "device": device, "bf16": bf16,
-                "attn": _attn(device), "pad_id": data["pad_id"], "log_every": max(1, total // 20),
-                "progress_file": str(job.storage / f"{name}-progress.jsonl"), "faults": _fault or [],
-                "snapshot": str(job.storage / name / "checkpoint_manager_snapshot.json"),
-                "snapshots": str(job.storage / f"{name}-snapshots")}
+    loop_cfg = {"loop": LoopConfig(
+        name=name, model_dir=job.model_dir, data_file=str(job.data_file), train=cfg, total_steps=total,
+        device=device, bf16=bf16, attn=_attn(device), pad_id=data["pad_id"], log_every=max(1, total // 20),
+        progress_file=str(job.storage / f"{name}-progress.jsonl"), faults=_fault or [],
+        snapshot=str(job.storage / name / "checkpoint_manager_snapshot.json"),
+        snapshots=str(job.storage / f"{name}-snapshots"))}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, scaling_config=ScalingConfig(**train_scaling(device, cfg)),
         run_config=RunConfig(name=name, storage_path=str(job.storage),
