@@ -105,8 +105,8 @@ def model_params(ref: str, params_b: float | None, run: RunDir) -> float | None:
 
 
 def train_memory(params: float, shape: dict | None, tc) -> tuple:
-    """Per-worker memory of one branch: (model+optimizer state, activations, loss) as text;
-    the last two are None without the student's shape (its config.json).
+    """Per-worker memory of one branch: (model+optimizer state, activations, loss, their sum) as
+    text; the last three are None without the student's shape (its config.json).
 
     State: bf16 weights and grads, fp32 master weights and Adam moments (12 bytes), split over
     the workers as the ZeRO stage does. Activations of a micro-batch, whose tokens are split over
@@ -118,15 +118,16 @@ def train_memory(params: float, shape: dict | None, tc) -> tuple:
     n, z = tc.num_workers, tc.zero_stage
     # bytes per parameter: ZeRO-1 splits the optimizer state, -2 also the grads, -3 everything
     state = params * {0: 16, 1: 4 + 12 / n, 2: 2 + 14 / n, 3: 16 / n}[z]
-    if shape is None:
-        return _gb(state), None, None
+    if not shape:
+        return _gb(state), None, None, None
     H, L, V = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
     inter = shape.get("intermediate_size", 4 * H)
     tokens = tc.micro_batch_size * tc.max_len / tc.sequence_parallel_size
     layer = tokens * (36 * H + 8 * inter)
     act = tokens * H * 2 * L + layer if tc.gradient_checkpointing else layer * L
     per = min(tokens, tc.loss_chunk_tokens) if tc.loss_chunk_tokens else tokens
-    return _gb(state), _gb(act), _gb(per * V * (4 + 4 + 2))
+    loss = per * V * (4 + 4 + 2)
+    return _gb(state), _gb(act), _gb(loss), _gb(state + act + loss)
 
 
 def _gb(x: float) -> str:
@@ -181,17 +182,18 @@ def _estimate(cfg: ExperimentConfig) -> tuple[list[str], float]:
         weights = params * 2  # bf16
         steps = sum(len(c.steps) for c in cfg.merge.candidates)
         ckpt = 0.0
-        shape = model_config(cfg.student.base, run)
+        shape = model_config(cfg.student.base, run) or cfg.student.shape
         for dom in cfg.domains:
             tc = branch_train_config(cfg, dom)
             # a ZeRO checkpoint keeps bf16 weights plus fp32 master weights and Adam moments
             ckpt = max(ckpt, params * (2 + 12))
-            state, act, loss = train_memory(params, shape, tc)
+            state, act, loss, total = train_memory(params, shape, tc)
             sp = tc.sequence_parallel_size
             what = (f"~{act} of activations ({tc.micro_batch_size} x {tc.max_len} tokens"
                     f"{f' / sequence_parallel_size {sp}' if sp > 1 else ''}, checkpointing "
                     f"{'on' if tc.gradient_checkpointing else 'off'}), ~{loss} for the loss "
-                    f"({f'{tc.loss_chunk_tokens}-token chunks' if tc.loss_chunk_tokens else 'full logits'})"
+                    f"({f'{tc.loss_chunk_tokens}-token chunks' if tc.loss_chunk_tokens else 'full logits'}); "
+                    f"~{total} in all"
                     if act else "activations and loss unknown without the student's config.json "
                     "(on disk or in the Hugging Face cache)")
             lines.append(f"  train {dom}: per worker ~{state} of model+optimizer state (ZeRO-{tc.zero_stage}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -138,6 +139,17 @@ def test_dry_run_of_the_32b_preset_lists_resources_and_what_does_not_fit(tmp_pat
     assert "teacher tokens: at most" in out and "32.80B parameters" in out
     assert "does not fit this machine" in out and "train: GPU: needs 32, cluster has 0" in out
     assert "[evaluate] no manifest; asks for GPU=4" in out  # a 32B engine on 4 GPUs (KV-cache room)
+    # per-GPU memory from the student's shape (off the hub here): 16k-token rows fit an 80 GB GPU,
+    # and sequence parallelism splits the activations of a row over its ranks
+    per_gpu = lambda text: [float(x) for x in re.findall(  # noqa: E731
+        r"train math: per worker ~([\d.]+) GB .* ~([\d.]+) GB of activations .* ~([\d.]+) GB in all", text)[0]]
+    state, act, total = per_gpu(out)
+    assert 20 < total < 80 and act > 5, out
+    p = subprocess.run([sys.executable, "jobs/run.py", "experiment=tinyr1_32b", "dry_run=true", f"run_dir={tmp_path}/r",
+                        "train.sequence_parallel_size=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    state2, act2, total2 = per_gpu(p.stdout)
+    assert state2 == state and act2 == pytest.approx(act / 2, rel=0.05) and total2 < total
 
 
 def test_the_rdistill_command_documents_every_group():

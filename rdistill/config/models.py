@@ -101,6 +101,10 @@ class StudentConfig:
     params_b: Optional[float] = spec(None, gt=0)
     """Parameter count in billions, for the dry run's memory and disk estimates when the model
     is not on local disk (None: read it from the model's config)."""
+    shape: Dict[str, int] = field(default_factory=dict)
+    """The model's config.json sizes (hidden_size, num_hidden_layers, vocab_size,
+    intermediate_size) for the dry run's activation and loss memory when the model is neither on
+    disk nor in the Hugging Face cache ({}: read them from the model's config)."""
 
 
 @dataclass

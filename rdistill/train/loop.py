@@ -126,7 +126,7 @@ def train_loop(loop_config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    config: LoopConfig = loop_config.loop
+    config: LoopConfig = loop_config["loop"]
     tc, total = config.train, config.total_steps
     say = (lambda *a: print(f"[{config.name}]", *a, flush=True)) if rank == 0 else (lambda *a: None)
 
