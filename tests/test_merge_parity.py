@@ -220,7 +220,7 @@ def test_merge_stage_runs_candidates_and_selects_the_first(ray_cluster, models, 
         models=[MergeModelConfig(model=f"branch:{d}", parameters={"weight": 1.0}) for d in ("math", "code", "science")])]))
     manifest = pipeline.run_stage(cfg, run, "merge")
     res = manifest["result"]
-    assert res["steps"] == 3 and res["tensors_merged"] == 150 and res["selected"] == "fusion"
+    assert res["steps"] == 3 and res["tensors_merged"] == 150 and res["default_until_dev"] == "fusion"
     assert set(res["candidates"]["fusion"]) == {"mid", "final"} and res["bytes_written"] > 0
     assert json.loads((run.stage_dir("merge") / "selection.json").read_text()) == \
         {"candidate": "fusion", "path": "merge/fusion/final"}
