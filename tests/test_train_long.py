@@ -178,6 +178,40 @@ def test_packed_rows_are_memory_mapped_and_flatten_into_one_row(sp_model, tmp_pa
         assert token_losses(model, f, 64).sum().item() == pytest.approx(token_losses(model, b).sum().item(), rel=1e-5)
 
 
+_RANK_READS = """
+import resource, sys
+import numpy as np
+import torch  # noqa: F401 (imported by batch(); its own memory is not the file's)
+from rdistill.data.packing import PackedRows, step_rows
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows = PackedRows(sys.argv[1])
+world, rank, tokens = 8, 0, 0
+for step in range(20):  # what a worker does each step: its slice of the step's rows, one micro-batch
+    mine = step_rows(len(rows), step, world, 0)[rank:rank + 1]
+    tokens += rows.batch(mine, 0)["tokens"]
+print(tokens, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_rank_reads_its_rows_of_a_packed_file_far_larger_than_its_budget(tmp_path):
+    """1.2 GB of packed rows (1,000 rows of 100k tokens, sparse on disk so it costs no writing):
+    a rank trains 20 steps from it and its memory grows by its rows only, not by the file."""
+    import subprocess
+    import sys
+    n_rows, row = 1000, 100_000
+    d = tmp_path / "rows"
+    d.mkdir()
+    for c in ("ids", "targets", "positions"):
+        np.lib.format.open_memmap(d / f"{c}.npy", mode="w+", dtype=np.int32, shape=(n_rows * row,)).flush()
+    np.save(d / "offsets.npy", np.arange(n_rows + 1, dtype=np.int64) * row)
+    size_mb = sum(f.stat().st_size for f in d.iterdir()) >> 20
+    p = subprocess.run([sys.executable, "-c", _RANK_READS, str(d)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    tokens, grew_mb = map(int, p.stdout.split())
+    assert tokens == 20 * row and size_mb > 1000
+    assert grew_mb < size_mb // 4, f"a rank's memory grew by {grew_mb} MB reading 20 rows of a {size_mb} MB file"
+
+
 def test_sequence_parallel_settings_are_checked_in_one_line(sp_model, tmp_path):
     from rdistill.train.sft import prepare_data
     sft = str(write_sft(tmp_path / "s.jsonl", 4))
