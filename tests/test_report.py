@@ -133,6 +133,8 @@ def test_notebook_shows_the_same_table(run_dir, tmp_path, monkeypatch, capsys):
     """Runs the notebook's code cells in order (as a kernel would) against the run directory."""
     nb = json.loads((REPO / "notebooks" / "analyze_run.ipynb").read_text())
     monkeypatch.setenv("RDISTILL_RUN_DIR", str(run_dir))
+    monkeypatch.setenv("RDISTILL_FIG_DIR", str(tmp_path / "figs"))  # the plots go to the test's folder
+    (tmp_path / "figs").mkdir()
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     for cell in nb["cells"]:
@@ -141,6 +143,7 @@ def test_notebook_shows_the_same_table(run_dir, tmp_path, monkeypatch, capsys):
     shown = capsys.readouterr().out
     assert to_text(ns["table"]) in shown
     assert ns["table"].value("merge:fusion", "mean") == pytest.approx(0.6)
+    assert (tmp_path / "figs" / "accuracy.png").exists()
 
 
 def test_report_shows_the_search_and_its_margin_over_the_fixed_recipes(run_dir, tmp_path):
