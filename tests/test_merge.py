@@ -168,36 +168,116 @@ def test_arcee_fusion_matches_mergekit_exactly_small_and_statistically_large():
             assert abs(float(ours.norm()) - float(theirs.norm())) < 1e-4 * float(theirs.norm())
 
 
-def test_elementwise_methods_stream_big_tensors_in_row_blocks(tmp_path, monkeypatch):
-    """A task merges big tensors of linear, task_arithmetic and TIES in blocks of rows, with the
-    same result as whole-tensor merging."""
-    from safetensors.torch import load_file, save_file
-
-    from rdistill.merge import execute
-    from rdistill.merge.st_io import create_shards, layout_shards, model_tensors
+def _block_models(root: Path) -> list[Path]:
+    """Three inputs with a big bf16 'emb' (1.2M entries: Fusion's quantiles come from a sample;
+    bf16: many equal magnitudes at TIES's threshold), an fp32 'proj' and a small 'b'."""
+    from safetensors.torch import save_file
     g = torch.Generator().manual_seed(4)
+    base = {"emb": torch.randn(1200, 1024, generator=g).bfloat16(), "proj": torch.randn(300, 40, generator=g),
+            "b": torch.randn(7, generator=g)}
     dirs = []
     for i in range(3):
-        d = tmp_path / f"m{i}"
+        d = root / f"m{i}"
         d.mkdir()
-        save_file({"emb": torch.randn(1000, 64, generator=g).bfloat16(), "b": torch.randn(7, generator=g)},
-                  d / "model.safetensors")
-        dirs.append(model_tensors(d))
-    monkeypatch.setattr(execute, "BLOCK_BYTES", 10_000)  # 'emb' (128 kB) goes in 13 blocks
-    gta = {"lambda": 0.7, "normalize": True, "rescale": False, "int8_mask": False}
-    for method, dtype, shared, per in (
-            ("linear", torch.float32, {"normalize": True}, [{"weight": w} for w in (1.0, 0.5, 0.2)]),
-            ("task_arithmetic", torch.float32, gta, [{"weight": 0.3, "density": 1.0}] * 2),
-            # two-pass TIES in blocks (bf16: many equal magnitudes at the threshold)
-            ("ties", torch.bfloat16, gta, [{"weight": 0.3, "density": 0.35}, {"weight": 0.6, "density": 0.8}])):
-        placed, headers = layout_shards([("emb", (1000, 64), "BF16"), ("b", (7,), "F32")], 1 << 20)
-        out = tmp_path / method
-        out.mkdir()
-        create_shards(out, headers)
-        unit = execute.Unit([execute.UnitTensor(t, [m[t.name] for m in dirs], None, shared, per, 0) for t in placed])
-        res = execute.merge_unit(method, str(dtype).split(".")[1], str(out), unit, False)
-        assert res["tensors"] == 2 and res["nonfinite"] == []
-        got = load_file(out / "model.safetensors")
-        for name in ("emb", "b"):
-            xs = [load_file(tmp_path / f"m{i}" / "model.safetensors")[name].to(dtype) for i in range(3)]
-            assert torch.equal(got[name], merge_tensor(method, xs, shared, per, []).to(got[name].dtype))
+        (d / "config.json").write_text(json.dumps({"model_type": "toy", "architectures": ["Toy"]}))
+        sd = {k: (v.float() + 0.05 * (i + 1) * torch.randn(v.shape, generator=g)).to(v.dtype) if i else v
+              for k, v in base.items()}
+        save_file(sd, d / "model.safetensors")
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "arcee_fusion", "arcee_fusion_f32"])
+def test_big_tensors_merged_in_blocks_of_rows_equal_whole_tensor_merging(tmp_path, method):
+    """A tensor above block_bytes is cut into blocks of rows that different tasks merge (two
+    passes for TIES and Fusion); the result is bit for bit that of merging it whole."""
+    from safetensors.torch import load_file
+
+    from rdistill.merge import merge
+    from rdistill.merge.execute import _tensor_seed
+    dirs = [str(d) for d in _block_models(tmp_path)]
+    gta = {"lambda": 0.7}
+    plan = {
+        "linear": {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": d, "parameters": {"weight": w}} for d, w in zip(dirs, (1.0, 0.5, 0.2))]},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": dirs[0], "parameters": gta, "models": [
+            {"model": d, "parameters": {"weight": 0.3}} for d in dirs[1:]]},
+        "ties": {"merge_method": "ties", "base_model": dirs[0], "dtype": "bfloat16", "parameters": gta, "models": [
+            {"model": dirs[1], "parameters": {"weight": 0.3, "density": 0.35}},
+            {"model": dirs[2], "parameters": {"weight": 0.6, "density": 0.8}}]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": dirs[0], "dtype": "bfloat16",
+                         "models": [{"model": dirs[1]}]},
+        # written in float32: mergekit's float32 formula rather than the 16-bit shortcut
+        "arcee_fusion_f32": {"merge_method": "arcee_fusion", "base_model": dirs[0], "dtype": "bfloat16",
+                             "out_dtype": "float32", "models": [{"model": dirs[1]}]},
+    }[method]
+    stats: list = []
+    split = merge(plan, tmp_path / "split", in_process=True, block_bytes=100_000, num_tasks=2, stats=stats,
+                  log=lambda s: None)
+    whole = merge(plan, tmp_path / "whole", in_process=True, block_bytes=1 << 40, log=lambda s: None)
+    a, b = load_file(split / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert a.keys() == b.keys() == {"emb", "proj", "b"}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # 'emb' (2.4 MB, or 4.8 MB in float32) went in 24+ blocks, a task each (twice for the
+    # two-pass methods); 'proj' (48 kB) and 'b' stayed whole
+    passes = 2 if method in ("ties", "arcee_fusion", "arcee_fusion_f32") else 1
+    assert stats[0]["tasks"] >= passes * 24 + 1
+    xs = [load_file(f"{d}/model.safetensors")["emb"] for d in dirs]
+    if method == "ties":  # the whole-tensor reference: methods.merge_tensor (a k-th value threshold)
+        shared = {"lambda": 0.7, "normalize": True, "rescale": False, "int8_mask": False}
+        per = [{"weight": 0.3, "density": 0.35}, {"weight": 0.6, "density": 0.8}]
+        assert torch.equal(a["emb"], merge_tensor("ties", xs, shared, per, []))
+    if method.startswith("arcee_fusion"):  # mergekit's whole-tensor formula (float32), then written
+        want = merge_tensor("arcee_fusion", xs[:2], {}, [{}], [torch.Generator().manual_seed(_tensor_seed(0, "emb"))])
+        assert torch.equal(a["emb"], want.to(a["emb"].dtype))
+        assert 0.001 < float((a["emb"] != xs[0].to(a["emb"].dtype)).float().mean()) < 0.5
+
+
+def test_kth_values_of_16_bit_floats_equal_kthvalue():
+    from rdistill.merge.methods import kth_values
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for n in (1, 2, 17, 1000, 4099):
+            x = (torch.randn(n, generator=g) * 10).to(dtype)
+            x[torch.rand(n, generator=g) < 0.1] = 0.0
+            x[torch.rand(n, generator=g) < 0.05] = -0.0
+            ks = sorted({1, max(1, n // 4), max(1, n // 2), n})
+            got = kth_values(x, ks)
+            assert [float(v) for v in got] == [float(torch.kthvalue(x, k).values) for k in ks]
+            assert all(v.dtype == dtype and v.dim() == 0 for v in got)
+
+
+def test_a_non_finite_merged_tensor_fails_the_merge_and_leaves_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rdistill.merge import MergeError, merge
+    dirs = _block_models(tmp_path)
+    sd = load_file(dirs[1] / "model.safetensors")
+    sd["proj"][3, 5] = float("inf")
+    save_file(sd, dirs[1] / "model.safetensors")
+    plan = {"merge_method": "linear", "models": [{"model": str(d), "parameters": {"weight": 1.0}} for d in dirs]}
+    with pytest.raises(MergeError, match=r"1 merged tensor\(s\) are not finite, e.g. \['proj'\]"):
+        merge(plan, tmp_path / "out", in_process=True, log=lambda s: None)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_load_check_runs_when_the_layout_changes_and_catches_a_missing_tensor(tmp_path, models, monkeypatch):
+    """Cutting the vocabulary changes the layout: the output is checked against transformers'
+    model class (a tensor it lacks fails the merge); a merge with the donor's layout is not."""
+    from rdistill.merge import MergeError, execute, merge
+    from rdistill.merge.st_io import layout_shards
+    plan = {"merge_method": "task_arithmetic", "base_model": str(models["base"]), "dtype": "float32",
+            "models": [{"model": str(models["short_vocab"]), "parameters": {"weight": 1.0}}]}
+    calls = []
+    real = execute.check_loads
+    monkeypatch.setattr(execute, "_CHECKED", set())
+    monkeypatch.setattr(execute, "check_loads", lambda *a: (calls.append(a[0]), real(*a)))
+    merge(plan, tmp_path / "cut", in_process=True, unsafe_truncate_embeddings=True, log=lambda s: None)
+    assert len(calls) == 1
+    merge({**plan, "models": [{"model": str(models["v0"]), "parameters": {"weight": 1.0}}]},
+          tmp_path / "same", in_process=True, log=lambda s: None)
+    assert len(calls) == 1  # the donor's layout: it loads exactly when the donor does
+    placed, _ = layout_shards([("model.embed_tokens.weight", (298, 64), "F32")], 1 << 30)
+    with pytest.raises(MergeError, match="out does not load in transformers: missing"):
+        real(tmp_path / "cut", placed, "out")

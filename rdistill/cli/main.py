@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}: use one of {', '.join(COMMANDS)} (rdistill --help)", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[cmd]).main(rest)
+    module = importlib.import_module(COMMANDS[cmd])
+    return getattr(module, "entry", module.main)(rest)  # entry: a command that exits by itself
 
 
 if __name__ == "__main__":  # vLLM spawns workers: engine-building code must sit behind this guard

@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default=None, help="cpu | cuda | auto (mergekit's)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
     p.add_argument("--num-threads", "-j", type=int, default=None, help="ignored (one thread per task)")
-    p.add_argument("--no-check-load", action="store_true", help="skip the transformers load check")
+    p.add_argument("--no-check-load", action="store_true",
+                   help="skip the transformers load check (run when embeddings are cut to a common vocabulary)")
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype", default=None,
                    help=argparse.SUPPRESS)
@@ -84,3 +85,15 @@ def main(argv: list[str]) -> int:
         return 2
     log.info("merged model written to %s", out)
     return 0
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """main() as a command: exits without the interpreter's teardown once every output file is
+    closed and renamed and logs and stdio are flushed. Unloading torch's modules at exit takes
+    longer (about 0.6 s here) than merging a small model."""
+    import logging
+    rc = main(sys.argv[1:] if argv is None else argv)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

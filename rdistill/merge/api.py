@@ -35,15 +35,16 @@ def merge(plan: Any, out_dir: str | Path, *, resolve: Optional[Callable[[str], s
     (seed, shard_size, num_tasks, unsafe_truncate_embeddings, device, in_process, ...).
     `stats`, when given, receives each step's counts and timings."""
     import dataclasses
+    import sys
 
-    import ray
     steps = load_plan(plan)
     opts = dataclasses.replace(options or Options(), **kw)
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise PlanError(f"step names must be unique in a chain, got {names}")
     out_dir = Path(out_dir).absolute()
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # not imported: not initialized either (and no second of import)
+    if ray is None or not ray.is_initialized():
         opts.in_process = True
     done: dict[str, Path] = {}
     fallback = resolve or (lambda r: str(Path(r).expanduser().absolute()))

@@ -1,10 +1,12 @@
-"""Run one merge step as Ray tasks that stream tensors from the inputs' shards to the output's.
+"""Run one merge step as tasks that stream tensors from the inputs' shards to the output's.
 
 The driver reads only headers: it checks the inputs, lays out the output shards (created at full
-size with their headers), cuts the tensor list into work units of similar byte size and submits
-one Ray task per unit, at most `num_tasks` at a time. A task reads each tensor of its unit from
-every input, merges it, checks it is finite and writes it at its offset in its shard, so a
-worker holds a few tensors at a time whatever the model size. The output directory is built
+size with their headers), cuts a big tensor into blocks of rows (so every core works on an
+embedding matrix; two passes for TIES and Fusion, see two_pass.py), packs the rest into work units
+of similar byte size, and runs one task per unit (rdistill.merge.work), at most `num_tasks` at a
+time: Ray tasks on a cluster, else threads of this process (no Ray start-up). A task reads each
+tensor from every input, merges it, checks it is finite and writes it at its offset in its shard,
+so a worker holds a few tensors at a time whatever the model size. The output directory is built
 under a temporary name and renamed when complete; config, tokenizer, chat template and
 generation config come from the base model (else the first model), as mergekit does.
 """
@@ -16,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,11 +28,11 @@ from rdistill.merge.inputs import InputModel, check_inputs, load_input
 from rdistill.merge.plan import MergeStep, tensor_parameters
 from rdistill.merge.st_io import (InputError, OutTensor, TensorLoc, create_shards, layout_shards,
                                   write_index)
+from rdistill.merge.work import FLOAT_RANK, Unit, UnitTensor, compute_dtype, merge_unit, row_blocks
 
 COPIED = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
           "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
           "generation_config.json"]
-_FLOAT_RANK = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
 _NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -50,33 +52,20 @@ class Options:
     device: str = "cpu"
     """cpu | gpu: gpu tasks ask Ray for a GPU share and compute on it."""
     check_load: bool = True
-    """Build the output's architecture from its config (on the meta device) and check every
-    parameter is present with its shape, so the output loads in transformers."""
+    """When the merge changes the layout (embeddings cut to a common vocabulary), build the
+    output's architecture from its config on the meta device and check every parameter is there
+    with its shape, so it loads in transformers. Otherwise the output has the donor's tensors,
+    shapes and config (dtype aside) and loads exactly when the donor does: no check (importing
+    transformers' model classes takes seconds, longer than a merge of a small model)."""
     unit_bytes: Optional[int] = None
     """Input bytes per task (None: about a quarter of an even share per task, 4-256 MiB)."""
+    block_bytes: int = 32 << 20
+    """Output bytes above which a tensor is merged in blocks of rows spread over the tasks
+    (element-wise methods, TIES in 16 bits, Arcee Fusion): an embedding matrix, most of a small
+    model, is then merged by every core instead of one."""
     in_process: bool = False
     """Merge in this process's threads instead of Ray tasks (one machine, no cluster): no Ray
     start-up and no worker processes' memory, which dominate a merge of a few GB."""
-
-
-@dataclass
-class UnitTensor:
-    """One output tensor's work: where it goes, where its inputs are, and its parameters."""
-    out: OutTensor
-    locs: list
-    """The inputs' TensorLocs, in the method's order (base first)."""
-    rows: Optional[int]
-    """Rows to keep of embeddings of different vocab sizes (None: all)."""
-    shared: dict
-    per: list
-    """One parameter dict per non-base model."""
-    seed: int
-
-
-@dataclass
-class Unit:
-    tensors: list = field(default_factory=list)
-    """UnitTensors merged by one task."""
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -84,35 +73,17 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 
 def _out_dtype(step: MergeStep, locs: list[TensorLoc]) -> str:
-    if not all(loc.dtype in _FLOAT_RANK for loc in locs):
+    if not all(loc.dtype in FLOAT_RANK for loc in locs):
         return locs[0].dtype
     if step.out_dtype or step.dtype:
         return _NAME[step.out_dtype or step.dtype]
-    best = max(locs, key=lambda loc: _FLOAT_RANK[loc.dtype]).dtype
+    best = max(locs, key=lambda loc: FLOAT_RANK[loc.dtype]).dtype
     return "F32" if {loc.dtype for loc in locs} == {"BF16", "F16"} else best
 
 
-# Methods whose result at an entry depends only on the inputs at that entry: big tensors are
-# merged in blocks of rows, so a worker never holds whole copies of an embedding matrix. TIES in
-# 16-bit dtypes is merged in blocks too, in two passes (rdistill.merge.ties_stream).
+# Methods whose result at an entry depends only on the inputs at that entry: any block of rows
+# merges on its own (the two-pass methods need a statistic of the whole tensor first).
 ELEMENTWISE = {"linear", "task_arithmetic"}
-BLOCK_BYTES = 64 << 20
-
-
-def _row_blocks(out: OutTensor, locs: list[TensorLoc], rows: Optional[int], split: bool):
-    """(out, locs, rows) pieces covering the tensor: the whole of it, or blocks of rows."""
-    if not split or len(out.shape) < 1 or out.shape[0] < 1:
-        yield out, locs, rows
-        return
-    n = out.shape[0]
-    step = max(1, n * BLOCK_BYTES // max(1, out.nbytes))
-    o_row = out.nbytes // n
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        shape = (r1 - r0, *out.shape[1:])
-        yield (replace(out, shape=shape, start=out.start + r0 * o_row, nbytes=(r1 - r0) * o_row),
-               [replace(loc, shape=shape, start=loc.start + r0 * (loc.nbytes // loc.shape[0]),
-                        nbytes=(r1 - r0) * (loc.nbytes // loc.shape[0])) for loc in locs], None)
 
 
 def _merge_in_threads(units: list, args: tuple, use_gpu: bool, width: int) -> list[dict]:
@@ -127,96 +98,6 @@ def _merge_in_threads(units: list, args: tuple, use_gpu: bool, width: int) -> li
         torch.set_num_threads(keep)
 
 
-class _TensorIO:
-    """One task's reads and writes: open-file caches, the compute device and dtype, and the
-    tensors that came out non-finite."""
-
-    def __init__(self, out_dir: str, dtype: Optional[str], use_gpu: bool):
-        import torch
-        self.out_dir, self.dtype = out_dir, dtype
-        self.dev = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.rh: dict = {}
-        self.wh: dict = {}
-        self.bad: list[str] = []
-
-    def load(self, locs: list, rows: Optional[int]) -> list:
-        """The inputs' tensors, cut to `rows`, on the device in the compute dtype (the step's,
-        else the inputs' promoted dtype, as mergekit does)."""
-        import torch
-
-        from rdistill.merge.st_io import read_tensor
-        xs = [read_tensor(loc, self.rh) for loc in locs]
-        if rows is not None:
-            xs = [x.narrow(0, 0, rows) for x in xs]
-        if all(x.is_floating_point() for x in xs):
-            target = getattr(torch, self.dtype) if self.dtype else xs[0].dtype
-            if not self.dtype:
-                for x in xs[1:]:
-                    target = torch.promote_types(target, x.dtype)
-            xs = [x.to(device=self.dev, dtype=target) for x in xs]
-        return xs
-
-    def write(self, out: OutTensor, y) -> None:
-        import torch
-
-        from rdistill.merge.st_io import ST_DTYPES, write_tensor
-        y = y.to(device="cpu", dtype=ST_DTYPES[out.dtype])
-        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-            self.bad.append(out.name)
-        write_tensor(self.out_dir, out, y, self.wh)
-
-    def close(self) -> None:
-        for f in self.rh.values():
-            f.close()
-        for fd in self.wh.values():
-            os.close(fd)
-
-
-def _merge_one(io: _TensorIO, method: str, t: UnitTensor) -> None:
-    """Merge one output tensor: whole, or in blocks of rows (element-wise methods on big
-    tensors; TIES in 16-bit dtypes in two streamed passes)."""
-    import torch
-
-    from rdistill.merge.methods import merge_tensor
-    from rdistill.merge.st_io import ST_DTYPES
-    from rdistill.merge.ties_stream import ties_blocks
-    kinds = {loc.dtype for loc in t.locs}
-    compute = io.dtype if kinds <= set(_FLOAT_RANK) else None
-    if compute is None and len(kinds) == 1:
-        compute = {"BF16": "bfloat16", "F16": "float16"}.get(kinds.pop())
-    streamed_ties = method == "ties" and compute in ("bfloat16", "float16") and not t.shared["rescale"]
-    pieces = list(_row_blocks(t.out, t.locs, t.rows, split=streamed_ties or (
-        method in ELEMENTWISE and t.out.nbytes > BLOCK_BYTES)))
-    if streamed_ties:
-        numel = t.out.nbytes // torch.empty(0, dtype=ST_DTYPES[t.out.dtype]).element_size()
-        for out, y in ties_blocks(lambda: ((o, io.load(ls, r)) for o, ls, r in pieces), numel, t.shared, t.per):
-            io.write(out, y)
-        return
-    for out, ls, r in pieces:
-        gens = []
-        for i in range(max(1, len(t.per))):  # a generator per model, seeded per tensor
-            g = torch.Generator(device=io.dev)
-            g.manual_seed(t.seed + i)
-            gens.append(g)
-        io.write(out, merge_tensor(method, io.load(ls, r), t.shared, t.per, gens, out.name))
-
-
-def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_gpu: bool) -> dict:
-    """One task: merge and write the unit's tensors. Returns counts and the tensors that came
-    out non-finite."""
-    import resource
-    t0 = time.time()
-    io = _TensorIO(out_dir, dtype, use_gpu)
-    try:
-        for t in unit.tensors:
-            _merge_one(io, method, t)
-    finally:
-        io.close()
-    return {"tensors": len(unit.tensors), "bytes": sum(t.out.nbytes for t in unit.tensors), "nonfinite": io.bad,
-            "seconds": time.time() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "pid": os.getpid()}
-
-
 def _units(items: list, target: int) -> list[Unit]:
     units, size = [Unit()], 0
     for item in items:
@@ -229,15 +110,32 @@ def _units(items: list, target: int) -> list[Unit]:
     return units
 
 
+def _blocks(t: UnitTensor, method: str, dtype: Optional[str], opts: "Options", width: int) -> list[UnitTensor]:
+    """A big tensor of a method that can merge it by blocks of rows, as blocks (a multiple of
+    `width`, so every task gets a share of it); otherwise [t]."""
+    from rdistill.merge import two_pass
+    if t.out.nbytes <= opts.block_bytes or len(t.out.shape) < 1 or t.out.shape[0] < 2 or \
+            not all(loc.dtype in FLOAT_RANK for loc in t.locs):
+        return [t]
+    if method in ELEMENTWISE:
+        phase = "merge"
+    elif two_pass.handles(method, compute_dtype(dtype, t.locs), t.shared):
+        phase = "stats"
+    else:
+        return [t]
+    rounds = -(-t.out.nbytes // (opts.block_bytes * width))
+    return [replace(b, phase=phase) for b in row_blocks(t, min(t.out.shape[0], rounds * width))]
+
+
 def _num_layers(models: list[InputModel]) -> int:
     cfg = models[0].config
     n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
     return int(n) if n else 0
 
 
-def _finish_dir(tmp: Path, donor: InputModel, step: MergeStep, placed: list[OutTensor], vocab: Optional[int]) -> None:
+def _write_config(tmp: Path, donor: InputModel, placed: list[OutTensor], vocab: Optional[int]) -> None:
     config = dict(donor.config)
-    dtypes = {t.dtype for t in placed if t.dtype in _FLOAT_RANK}
+    dtypes = {t.dtype for t in placed if t.dtype in FLOAT_RANK}
     if len(dtypes) == 1:
         name = {v: k for k, v in _NAME.items()}.get(dtypes.pop(), "float32")
         config["dtype"] = name
@@ -246,6 +144,9 @@ def _finish_dir(tmp: Path, donor: InputModel, step: MergeStep, placed: list[OutT
     if vocab is not None:
         config["vocab_size"] = vocab
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _finish_dir(tmp: Path, donor: InputModel, placed: list[OutTensor]) -> None:
     for f in COPIED:
         src = Path(donor.path) / f
         if src.exists():
@@ -253,11 +154,19 @@ def _finish_dir(tmp: Path, donor: InputModel, step: MergeStep, placed: list[OutT
     write_index(tmp, placed)
 
 
-def check_loads(out_dir: Path, placed: list[OutTensor]) -> None:
-    """The written tensors are exactly what transformers' model class for this config expects."""
+_CHECKED: set = set()  # (config, tensor shapes) already found to load, in this process
+
+
+def check_loads(model_dir: Path, placed: list[OutTensor], name: str = "") -> None:
+    """The written tensors are exactly what transformers' model class for model_dir's config
+    expects. Needs only the config, so it runs beside the merge (importing transformers is
+    seconds); a search's candidates of one architecture are checked once."""
+    key = ((model_dir / "config.json").read_text(), tuple(sorted((t.name, tuple(t.shape)) for t in placed)))
+    if key in _CHECKED:
+        return
     import torch
     import transformers
-    cfg = transformers.AutoConfig.from_pretrained(out_dir)
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
     auto = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in
                                                   (cfg.architectures or [])) else transformers.AutoModel
     with torch.device("meta"):
@@ -268,16 +177,72 @@ def check_loads(out_dir: Path, placed: list[OutTensor]) -> None:
     missing = sorted(k for k in set(want) - set(have) if k not in tied and not k.endswith("lm_head.weight"))
     wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
     if missing or wrong:
-        raise MergeError(f"{out_dir} does not load in transformers: missing {missing[:3]}, "
+        raise MergeError(f"{name or model_dir} does not load in transformers: missing {missing[:3]}, "
                          f"wrong shapes {wrong[:3]}")
+    _CHECKED.add(key)
+
+
+def _in_background(fn: Callable[[], None]) -> Callable[[], None]:
+    """Start fn in a daemon thread; the returned wait() re-raises its error."""
+    import threading
+    err: list = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 (re-raised by wait)
+            err.append(e)
+    th = threading.Thread(target=body, name="merge-check", daemon=True)
+    th.start()
+
+    def wait() -> None:
+        th.join()
+        if err:
+            raise err[0]
+    return wait
+
+
+def _runner(opts: "Options", width: int, args: tuple, use_gpu: bool) -> Callable[[list], list]:
+    """Runs a list of units to completion: in this process's threads, or as Ray tasks (at most
+    `width` in flight: each holds its tensors in memory)."""
+    if opts.in_process:
+        return lambda units: _merge_in_threads(units, args, use_gpu, width)
+    import ray
+
+    from rdistill.topology import merge_task_options
+    task = ray.remote(merge_unit).options(**merge_task_options(opts.device))
+    return lambda units: run_at_most(width, [lambda u=u: ray.get(task.remote(*args, u, use_gpu)) for u in units],
+                                     name="merge")
+
+
+def _merge_all(items: list[UnitTensor], step: MergeStep, opts: "Options", width: int, target: int,
+               run: Callable[[list], list]) -> list[dict]:
+    """Every item merged. Big tensors go in blocks of rows, a task each; those of two-pass
+    methods first measure their blocks, then merge them with the combined statistic. Small
+    tensors are packed into units of about `target` input bytes; the biggest units go first."""
+    from rdistill.merge import two_pass
+    method = step.merge_method
+    small, blocks, first = [], [], []
+    for it in items:
+        parts = _blocks(it, method, step.dtype, opts, width)
+        if len(parts) == 1 and parts[0].phase == "merge":
+            small.append(it)
+        else:
+            (first if parts[0].phase == "stats" else blocks).extend(parts)
+    results = run([Unit([b]) for b in first]) if first else []
+    stats = {k: v for r in results for k, v in r["stats"].items()}
+    for name in dict.fromkeys(b.out.name for b in first):
+        mine = [b for b in first if b.out.name == name]
+        ctx = two_pass.reduce(method, [stats[(name, b.block)] for b in mine], mine[0].per, mine[0].numel)
+        blocks += [replace(b, phase="apply", ctx=c) for b, c in zip(mine, ctx)]
+    units = [Unit([b]) for b in blocks] + _units(small, target)
+    units.sort(key=lambda u: -sum(loc.nbytes for t in u.tensors for loc in t.locs))
+    return results + run(units)
 
 
 def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str] = lambda r: r,
              opts: Optional[Options] = None, log: Callable[[str], None] = print) -> dict:
     """Merge one step into out_dir (replaced when complete). Returns counts and timings."""
-    import ray
-
-    from rdistill.topology import merge_task_options
     opts = opts or Options()
     t0 = time.time()
     out_dir = Path(out_dir).absolute()
@@ -293,6 +258,9 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
     tmp.mkdir(parents=True)
     try:
         create_shards(tmp, headers)
+        _write_config(tmp, donor, placed, vocab)
+        checked = _in_background(lambda: check_loads(tmp, placed, str(out_dir))) \
+            if opts.check_load and vocab is not None else None
         layers = _num_layers(models)
         items = []
         for out in placed:
@@ -301,30 +269,28 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
             shared, per = tensor_parameters(step, out.name, layers)
             items.append(UnitTensor(out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
         total_in = sum(loc.nbytes for it in items for loc in it.locs)
-        cpus = (os.cpu_count() or 1) if opts.in_process else int(ray.cluster_resources().get("CPU", 1))
+        if opts.in_process:
+            cpus = os.cpu_count() or 1
+        else:
+            import ray
+            cpus = int(ray.cluster_resources().get("CPU", 1))
         width = opts.num_tasks or cpus
         target = opts.unit_bytes or min(256 << 20, max(4 << 20, total_in // (4 * width)))
-        units = _units(items, target)
         use_gpu = opts.device == "gpu"
-        args = (step.merge_method, step.dtype, str(tmp))
-        if opts.in_process:
-            results = _merge_in_threads(units, args, use_gpu, width)
-        else:  # at most `width` tasks in flight: each holds its tensors in memory
-            task = ray.remote(merge_unit).options(**merge_task_options(opts.device))
-            results = run_at_most(width, [lambda u=u: ray.get(task.remote(*args, u, use_gpu)) for u in units],
-                                  name="merge")
+        run = _runner(opts, width, (step.merge_method, step.dtype, str(tmp)), use_gpu)
+        results = _merge_all(items, step, opts, width, target, run)
         bad = [n for r in results for n in r["nonfinite"]]
         if bad:
             raise MergeError(f"{step.name}: {len(bad)} merged tensor(s) are not finite, e.g. {bad[:3]}; "
                              "check the inputs and parameters (a weight sum near 0 with normalize?)")
-        _finish_dir(tmp, donor, step, placed, vocab)
+        _finish_dir(tmp, donor, placed)
         (tmp / "rdistill_merge.json").write_text(json.dumps(
             {"merge_method": step.merge_method, "base_model": step.base_model, "dtype": step.dtype,
              "out_dtype": step.out_dtype, "parameters": step.parameters, "seed": opts.seed,
              "models": [{"model": m.model, "parameters": m.parameters} for m in step.models],
              "resolved": {r: m.path for r, m in zip(refs, models)}}, indent=2, default=str))
-        if opts.check_load:
-            check_loads(tmp, placed)
+        if checked:
+            checked()
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -333,7 +299,7 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         raise
     wall = time.time() - t0
     out = {"tensors": len(placed), "bytes_written": sum(t.nbytes for t in placed), "bytes_read": total_in,
-           "shards": len(headers), "tasks": len(units), "seconds": round(wall, 3),
+           "shards": len(headers), "tasks": len(results), "seconds": round(wall, 3),
            "max_task_peak_rss_mb": round(max(r["peak_rss_mb"] for r in results), 1),
            "workers": len({r["pid"] for r in results}),
            # each worker's peak (torch's own footprint included); their sum bounds the merge's memory

@@ -200,27 +200,64 @@ def model_stock(xs, shared, per, gens, name):
 
 # ---------------------------------------------------------------- Arcee Fusion
 
-def _quantiles(s: torch.Tensor, gen: torch.Generator) -> tuple:
-    flat = s.reshape(-1)
-    if flat.numel() > QUANTILE_SAMPLE:  # sample with replacement, as mergekit does, but seeded
-        flat = flat[torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=gen)]
-    idx = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
-    # k-th values instead of a full sort: same elements as sorted[idx]
-    return tuple(torch.kthvalue(flat, int(i) + 1).values for i in idx)
+def sample_indices(numel: int, seed: int) -> Optional[torch.Tensor]:
+    """Where the importance quantiles are read: every entry of a small tensor (None), else 1e6
+    positions drawn with replacement as mergekit does, but from a generator seeded per tensor."""
+    if numel <= QUANTILE_SAMPLE:
+        return None
+    return torch.randint(numel, (QUANTILE_SAMPLE,), generator=torch.Generator().manual_seed(seed))
 
 
-def arcee_fusion(xs, shared, per, gens, name):
-    """Keep the other model's change where importance |X - B| * KL(softmax X || softmax B)
-    (per row) reaches median + 1.5 IQR of all importances; elsewhere keep the base."""
-    base, x = xs
+def fusion_kl(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """KL(softmax X || softmax B) per row (keepdim): row-local, so a block of rows gets the same
+    values as the whole tensor."""
     eps = 1e-8
     p = F.softmax(x, dim=-1) + eps
     q = F.softmax(base, dim=-1) + eps
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    del p, q
-    importance = (x - base).abs() * kl
-    q1, med, q3 = _quantiles(importance, gens[0])
-    mask = (importance >= med + 1.5 * (q3 - q1)).float()
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def fusion_importance(base: torch.Tensor, x: torch.Tensor, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """|X - B| * KL per row (`kl`: already computed)."""
+    return (x - base).abs() * (fusion_kl(base, x) if kl is None else kl)
+
+
+def kth_values(x: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
+    """The k-th smallest values (1-based) of a flat tensor, as torch.kthvalue gives them. 16-bit
+    floats: from a histogram of their bit patterns made order-preserving (O(n), no selection)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return [torch.kthvalue(x, k).values for k in ks]
+    v = x.view(torch.int16).to(torch.int32)
+    key = torch.where(v < 0, -(v & 0x7FFF) - 1, v) + 32768  # negatives: bigger magnitude first
+    cum = torch.cumsum(torch.bincount(key.cpu(), minlength=65536), 0)
+    out = []
+    for k in ks:
+        b = int(torch.searchsorted(cum, k)) - 32768  # the first key with at least k values up to it
+        bits = b if b >= 0 else (-(b + 1)) - 32768
+        out.append(torch.tensor(bits, dtype=torch.int16).view(x.dtype).to(x.device))
+    return out
+
+
+def fusion_threshold(sample: torch.Tensor) -> torch.Tensor:
+    """median + 1.5 IQR of the sampled importances (k-th values: the elements a sort would give)."""
+    idx = (torch.tensor([0.25, 0.5, 0.75]) * (sample.numel() - 1)).long()
+    q1, med, q3 = kth_values(sample, [int(i) + 1 for i in idx])
+    return med + 1.5 * (q3 - q1)
+
+
+def fusion_keep(base: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Where Arcee Fusion keeps x's change: importance >= median + 1.5 IQR of the importances."""
+    importance = fusion_importance(base, x)
+    flat = importance.reshape(-1)
+    idx = sample_indices(flat.numel(), seed)
+    return importance >= fusion_threshold(flat if idx is None else flat[idx.to(flat.device)])
+
+
+def arcee_fusion(xs, shared, per, gens, name):
+    """Keep the other model's change where its importance reaches median + 1.5 IQR of all
+    importances; elsewhere keep the base."""
+    base, x = xs
+    mask = fusion_keep(base, x, gens[0].initial_seed()).float()
     return base + (x - base) * mask  # float32, like mergekit's (the mask is float)
 
 

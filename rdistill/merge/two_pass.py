@@ -1,0 +1,128 @@
+"""Methods that need one statistic of a whole tensor, merged in blocks of rows by different tasks.
+
+TIES keeps each task vector's top-`density` magnitudes (a threshold over the whole tensor) and
+Arcee Fusion keeps the changes whose importance reaches median + 1.5 IQR (quantiles over the
+whole tensor). A big tensor (an embedding matrix is most of a small model) is cut into blocks of
+rows; pass 1 computes a small statistic per block (`stats`), the driver combines them (`reduce`)
+into what each block needs, and pass 2 merges each block (`apply`). Every block of a tensor can
+run on a different core or node, and the result equals whole-tensor merging bit for bit:
+
+- TIES (16-bit compute, no rescale): a histogram of the 16-bit patterns of |task vector| per
+  block (bf16 and fp16 non-negative values sort as their bit patterns), so the threshold is exact
+  and O(n); of the entries equal to it, the first ones in index order are kept until exactly k
+  are (as `methods.top_k_mask` does), which needs how many ties lie in the blocks before.
+- Arcee Fusion: importance is row-local (a per-row KL times |change|), so a block computes its
+  rows' importances and returns those at the positions of the quantile sample (drawn from the
+  same seeded generator as the whole-tensor path) and its rows' KL (pass 2 then skips the
+  softmaxes); the driver takes the quantiles of the sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from rdistill.merge.methods import (combine, fusion_importance, fusion_keep, fusion_kl, fusion_threshold,
+                                    sample_indices)
+
+_BINS = 1 << 15
+
+
+def handles(method: str, compute: Optional[str], shared: dict) -> bool:
+    """Whether `method` at this compute dtype is merged by this module's passes."""
+    if method == "ties":
+        return compute in ("bfloat16", "float16") and not shared["rescale"]
+    return method == "arcee_fusion"
+
+
+def _bits(d: torch.Tensor) -> torch.Tensor:
+    return d.abs().view(torch.int16)
+
+
+def stats(method: str, xs: list[torch.Tensor], per: list[dict], offset: int, numel: int, seed: int) -> Any:
+    """Pass 1 over one block (`offset`: its first element's index in the flattened tensor of
+    `numel` elements). TIES: per model a histogram of |delta| bit patterns (None: kept whole).
+    Fusion: (positions in the quantile sample, importances there)."""
+    if method == "ties":
+        base = xs[0]
+        return [torch.bincount(_bits(x - base).reshape(-1), minlength=_BINS)[:_BINS] if 0 < p["density"] < 1
+                else None for x, p in zip(xs[1:], per)]
+    kl = fusion_kl(xs[0], xs[1])  # the softmaxes: most of the work, so pass 2 reuses it
+    flat = fusion_importance(xs[0], xs[1], kl).reshape(-1)
+    idx = sample_indices(numel, seed)
+    if idx is None:  # small tensor: the quantiles of every importance
+        return torch.arange(offset, offset + flat.numel()), flat.cpu().clone(), kl.cpu()
+    inside = ((idx >= offset) & (idx < offset + flat.numel())).nonzero().reshape(-1)
+    return inside, flat[(idx[inside] - offset).to(flat.device)].cpu(), kl.cpu()
+
+
+def reduce(method: str, parts: list, per: list[dict], numel: int) -> list:
+    """What each block needs for pass 2, from every block's pass-1 statistic (in row order)."""
+    if method == "ties":
+        out: list[list] = [[] for _ in parts]
+        for i, p in enumerate(per):
+            if parts[0][i] is None:
+                for o in out:
+                    o.append(None)
+                continue
+            hist = torch.stack([part[i] for part in parts]).sum(0)
+            k = max(1, int(p["density"] * numel))
+            ge = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # ge[b] = count(bits >= b)
+            thr = int((ge >= k).nonzero().max())
+            need = k - (int(ge[thr + 1]) if thr + 1 < _BINS else 0)  # ties at thr to keep
+            seen = 0
+            for o, part in zip(out, parts):
+                n_eq = int(part[i][thr])
+                o.append((thr, need, seen, n_eq))
+                seen += n_eq
+        return out
+    n = sum(int(pos.numel()) for pos, _, _ in parts)
+    sample = torch.empty(n, dtype=parts[0][1].dtype)
+    for pos, vals, _ in parts:
+        sample[pos] = vals
+    thr = fusion_threshold(sample)
+    return [(thr, kl) for _, _, kl in parts]
+
+
+def apply(method: str, xs: list[torch.Tensor], shared: dict, per: list[dict], ctx: Any,
+          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Pass 2: merge one block, given its share of the reduced statistic (`out_dtype`: the dtype
+    it is written in)."""
+    base = xs[0]
+    if method != "ties":
+        thr, kl = ctx
+        return _fusion_out(base, xs[1], fusion_importance(base, xs[1], kl.to(base.device)) >= thr, out_dtype)
+    deltas = base.new_empty((len(per), *base.shape))
+    for i, (x, p) in enumerate(zip(xs[1:], per)):
+        delta = x - base
+        if p["density"] <= 0:
+            delta.zero_()
+        elif ctx[i] is not None:
+            thr, need, seen, n_eq = ctx[i]
+            bits = _bits(delta)
+            keep = bits > thr
+            if seen < need:  # this block holds some of the ties at the threshold that are kept
+                eq = bits == thr
+                if seen + n_eq > need:  # the wanted ties run out here: the first ones by index
+                    eq &= (torch.cumsum(eq.reshape(-1), 0).reshape(eq.shape) + seen) <= need
+                keep |= eq
+            delta = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
+        deltas[i] = delta
+    return combine(base, deltas, shared, per, consensus=True)
+
+
+def _fusion_out(base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if out_dtype == base.dtype:  # written in the compute dtype: the same bits, 10x faster
+        return torch.where(keep, base + (x - base), base)
+    return base + (x - base) * keep.float()  # float32, like mergekit's (the mask is float)
+
+
+def merge_whole(method: str, xs: list[torch.Tensor], shared: dict, per: list[dict], seed: int,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Both passes over a tensor held whole (one block)."""
+    if method == "arcee_fusion":
+        return _fusion_out(xs[0], xs[1], fusion_keep(xs[0], xs[1], seed), out_dtype)
+    numel = xs[0].numel()
+    return apply(method, xs, shared, per, reduce(method, [stats(method, xs, per, 0, numel, seed)], per, numel)[0],
+                 out_dtype)
