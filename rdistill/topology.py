@@ -27,6 +27,23 @@ def local_num_cpus(rc: RayConfig) -> int:
     return rc.num_cpus or max(8, os.cpu_count() or 1)
 
 
+def vllm_ipc_dir() -> tuple[str, bool]:
+    """(VLLM_RPC_BASE_PATH for this process and what it starts, whether this process owns it).
+    vLLM binds several ZMQ sockets per engine in the temp folder and never unlinks them, even on a
+    clean shutdown (thousands of stale sockets in /tmp after a day of runs). Unless the user set
+    one, a folder is made, set in the environment (child processes inherit it) and removed when
+    this process exits (a run's watchdog removes it too if the run is killed)."""
+    if os.environ.get("VLLM_RPC_BASE_PATH"):
+        return os.environ["VLLM_RPC_BASE_PATH"], False
+    import atexit
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="rdistill-ipc-")
+    atexit.register(shutil.rmtree, path, True)
+    os.environ["VLLM_RPC_BASE_PATH"] = path
+    return path, True
+
+
 def init_ray(rc: RayConfig) -> dict:
     """Join a cluster (config address, or RAY_ADDRESS) or start a local one. Idempotent."""
     import ray
@@ -39,6 +56,8 @@ def init_ray(rc: RayConfig) -> dict:
     env = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
                         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                         "TOKENIZERS_PARALLELISM": "false"}}
+    if not address:  # one machine: every engine's sockets go where this process removes them
+        env["env_vars"]["VLLM_RPC_BASE_PATH"] = vllm_ipc_dir()[0]
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=None if "RAY_ADDRESS" in os.environ else env,

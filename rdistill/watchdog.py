@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from rdistill.log import log
 
@@ -95,9 +96,9 @@ def leftovers(run_dir: str | Path) -> list[dict]:
 
 
 @contextmanager
-def watch_run(run_dir: str | Path) -> Iterator[None]:
+def watch_run(run_dir: str | Path, remove: Sequence[str] = ()) -> Iterator[None]:
     """Report what earlier runs left running, and have a watchdog stop this run's processes
-    when it ends (normally, by an error, or by SIGKILL)."""
+    when it ends (normally, by an error, or by SIGKILL), then delete the `remove` folders."""
     left = leftovers(run_dir)
     if left:
         log.warning("an earlier run on %s left %d process(es) running: %s; stop them (kill PID) before "
@@ -106,7 +107,7 @@ def watch_run(run_dir: str | Path) -> Iterator[None]:
     state = Path(run_dir).absolute() / ".work" / "owners" / f"{os.getpid()}.json"
     state.parent.mkdir(parents=True, exist_ok=True)
     dog = subprocess.Popen([sys.executable, "-m", "rdistill.watchdog", "--owner", str(os.getpid()),
-                            "--state", str(state)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            "--state", str(state), *[a for r in remove for a in ("--remove", str(r))]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     dog.stdout.readline()  # "ready": it watches from here on
     try:
@@ -136,7 +137,7 @@ def _stop(tracked: dict[int, int]) -> list[int]:
     return alive
 
 
-def _watch(owner: int, state: Path) -> None:
+def _watch(owner: int, state: Path, remove: Sequence[str] = ()) -> None:
     import select
     owner_start = _stat(owner)[1]
     me = os.getpid()
@@ -166,18 +167,23 @@ def _watch(owner: int, state: Path) -> None:
     stuck = _stop(tracked)
     if not stuck:
         state.unlink(missing_ok=True)
+        for r in remove:  # nothing of the run is left to use them
+            shutil.rmtree(r, ignore_errors=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description="stop a run's processes when the run ends")
     p.add_argument("--owner", type=int, required=True)
     p.add_argument("--state", required=True)
+    p.add_argument("--remove", action="append", default=[], help="a folder to delete once the run's processes are gone")
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is for the run, not for us
     if _stat(a.owner):
-        _watch(a.owner, Path(a.state))
+        _watch(a.owner, Path(a.state), a.remove)
     else:
         print("ready", flush=True)  # nothing to watch: the owner is already gone
+        for r in a.remove:
+            shutil.rmtree(r, ignore_errors=True)
 
 
 if __name__ == "__main__":

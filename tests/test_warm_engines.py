@@ -4,6 +4,9 @@ of its own."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from rdistill.config import EngineConfig
@@ -28,8 +31,14 @@ def _job(model, sampling):
     return {"model": str(model), "kwargs": KW, "sampling": sampling, "rows": _rows()}
 
 
+def _tmp_sockets() -> set:
+    return {p for p in Path(tempfile.gettempdir()).iterdir() if p.is_socket()}
+
+
 def test_reloaded_weights_answer_like_a_fresh_engine(ray_cluster, tmp_path):
     from rdistill.toy.model import tiny_test_model
+    from rdistill.topology import vllm_ipc_dir
+    before = _tmp_sockets()
     base, teacher = ASSETS / "base", ASSETS / "teacher"
     other = tiny_test_model(tmp_path / "other")  # another tokenizer: another family
     assert family(str(base)) == family(str(teacher)) != family(str(other))
@@ -47,4 +56,7 @@ def test_reloaded_weights_answer_like_a_fresh_engine(ray_cluster, tmp_path):
     assert text(warm[1][1]) == text(fresh)               # greedy: exactly
     assert text(warm[2][1]) == text(fresh_sampled)       # sampled with per-sample seeds: the same text
     assert text(warm[0][1]) != text(warm[1][1])           # the reload did change the model
+    # vLLM's IPC sockets (never unlinked by vLLM) went to the run's folder, removed at exit
+    assert _tmp_sockets() - before == set()
+    assert any(p.is_socket() for p in Path(vllm_ipc_dir()[0]).iterdir())
     assert sum("</think>" in t for t in text(fresh)) == len(fresh)  # the teacher answers in format

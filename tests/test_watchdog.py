@@ -21,7 +21,7 @@ from rdistill.watchdog import _stat, descendants, leftovers
 OWNER = textwrap.dedent("""
     import subprocess, sys, time
     from rdistill.watchdog import watch_run
-    with watch_run(sys.argv[1]):
+    with watch_run(sys.argv[1], remove=[sys.argv[3]]):  # e.g. the run's vLLM socket folder
         # a session of its own, like a Ray worker's engine: a group kill does not reach it
         p = subprocess.Popen(["sleep", "300"], start_new_session=True)
         print(p.pid, flush=True)
@@ -42,7 +42,10 @@ def _gone(pid: int, start: int, within: float) -> bool:
 
 @pytest.mark.parametrize("how", ["sigkill", "normal"])
 def test_processes_die_with_their_run(tmp_path, how):
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), "hang" if how == "sigkill" else "exit"],
+    ipc = tmp_path / "ipc"
+    ipc.mkdir()
+    (ipc / "left-by-an-engine").write_text("")
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), "hang" if how == "sigkill" else "exit", str(ipc)],
                              stdout=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
     child = int(owner.stdout.readline())
     start = _stat(child)[1]
@@ -57,6 +60,7 @@ def test_processes_die_with_their_run(tmp_path, how):
     try:
         assert _gone(child, start, within=20), "the run's process outlived it"
         assert _gone_file(state, within=10)
+        assert _gone_file(ipc, within=10)  # the folders it was given, once nothing of the run is left
     finally:
         if _stat(child):
             os.kill(child, signal.SIGKILL)

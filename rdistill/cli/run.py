@@ -58,8 +58,10 @@ def main(argv: list[str]) -> int:
 
 def run(cfg, log, log_file) -> int:
     from rdistill.pipeline import run_pipeline
+    from rdistill.topology import vllm_ipc_dir
     from rdistill.watchdog import watch_run
-    with watch_run(cfg.run_dir):  # engine processes die with this run, even on kill -9
+    ipc, owned = vllm_ipc_dir()  # where every engine of this run puts its sockets
+    with watch_run(cfg.run_dir, remove=[ipc] if owned else []):  # engines die with the run, even on kill -9
         try:
             run_pipeline(cfg)
             from rdistill.report.stage import table_from_report

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rdistill.config import SEARCH_CANDIDATE
 from rdistill.log import log
+from rdistill.merge.api import chain_resolver
 from rdistill.merge.execute import Options, run_step
 from rdistill.merge.plan import step_from_dict
 from rdistill.merge.search import Candidate, candidate_space, rungs, successive_halving
@@ -82,8 +83,7 @@ def run_search(ctx, opts: Options, resolve) -> dict:
             for s in c.steps:
                 step = step_from_dict(dict(s), name=s["name"])
                 dest = root / step.name
-                refs = lambda r: str(done[r[6:]]) if r.startswith("merge:") and r[6:] in done else resolve(r)  # noqa: E731
-                run_step(step, dest, refs, opts, log.debug)
+                run_step(step, dest, chain_resolver(done, resolve), opts, log.debug)
                 done[step.name] = dest
             (root / "done").write_text(json.dumps(c.steps))
         return str(root / "final")
