@@ -281,3 +281,20 @@ def test_load_check_runs_when_the_layout_changes_and_catches_a_missing_tensor(tm
     placed, _ = layout_shards([("model.embed_tokens.weight", (298, 64), "F32")], 1 << 30)
     with pytest.raises(MergeError, match="out does not load in transformers: missing"):
         real(tmp_path / "cut", placed, "out")
+
+
+def test_arcee_fusion_copies_an_integer_buffer_that_all_inputs_share(tmp_path):
+    """Non-float tensors are not merged by any method: equal across inputs, they are copied."""
+    from safetensors.torch import load_file, save_file
+
+    from rdistill.merge import merge
+    dirs = _block_models(tmp_path)
+    for d in dirs:
+        sd = load_file(d / "model.safetensors")
+        sd["positions"] = torch.arange(10)
+        save_file(sd, d / "model.safetensors")
+    plan = {"merge_method": "arcee_fusion", "base_model": str(dirs[0]), "dtype": "bfloat16",
+            "models": [{"model": str(dirs[1])}]}
+    out = merge(plan, tmp_path / "out", in_process=True, log=lambda s: None)
+    got = load_file(out / "model.safetensors")
+    assert torch.equal(got["positions"], torch.arange(10)) and got["emb"].dtype == torch.bfloat16

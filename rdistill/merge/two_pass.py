@@ -23,17 +23,18 @@ from typing import Any, Optional
 
 import torch
 
-from rdistill.merge.methods import (combine, fusion_importance, fusion_keep, fusion_kl, fusion_threshold,
-                                    sample_indices)
+from rdistill.merge.methods import (combine, fusion_importance, fusion_keep, fusion_kl, fusion_merge,
+                                    fusion_threshold, sample_indices)
 
 _BINS = 1 << 15
 
 
 def handles(method: str, compute: Optional[str], shared: dict) -> bool:
-    """Whether `method` at this compute dtype is merged by this module's passes."""
+    """Whether `method` at this compute dtype is merged by this module's passes (None: not a
+    float tensor, or floats of mixed dtypes: methods.merge_tensor copies or promotes them)."""
     if method == "ties":
         return compute in ("bfloat16", "float16") and not shared["rescale"]
-    return method == "arcee_fusion"
+    return method == "arcee_fusion" and compute is not None
 
 
 def _bits(d: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ def _bits(d: torch.Tensor) -> torch.Tensor:
 def stats(method: str, xs: list[torch.Tensor], per: list[dict], offset: int, numel: int, seed: int) -> Any:
     """Pass 1 over one block (`offset`: its first element's index in the flattened tensor of
     `numel` elements). TIES: per model a histogram of |delta| bit patterns (None: kept whole).
-    Fusion: (positions in the quantile sample, importances there)."""
+    Fusion: (positions in the quantile sample, importances there, the rows' KL)."""
     if method == "ties":
         base = xs[0]
         return [torch.bincount(_bits(x - base).reshape(-1), minlength=_BINS)[:_BINS] if 0 < p["density"] < 1
@@ -92,7 +93,7 @@ def apply(method: str, xs: list[torch.Tensor], shared: dict, per: list[dict], ct
     base = xs[0]
     if method != "ties":
         thr, kl = ctx
-        return _fusion_out(base, xs[1], fusion_importance(base, xs[1], kl.to(base.device)) >= thr, out_dtype)
+        return fusion_merge(base, xs[1], fusion_importance(base, xs[1], kl.to(base.device)) >= thr, out_dtype)
     deltas = base.new_empty((len(per), *base.shape))
     for i, (x, p) in enumerate(zip(xs[1:], per)):
         delta = x - base
@@ -112,17 +113,11 @@ def apply(method: str, xs: list[torch.Tensor], shared: dict, per: list[dict], ct
     return combine(base, deltas, shared, per, consensus=True)
 
 
-def _fusion_out(base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    if out_dtype == base.dtype:  # written in the compute dtype: the same bits, 10x faster
-        return torch.where(keep, base + (x - base), base)
-    return base + (x - base) * keep.float()  # float32, like mergekit's (the mask is float)
-
-
 def merge_whole(method: str, xs: list[torch.Tensor], shared: dict, per: list[dict], seed: int,
                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Both passes over a tensor held whole (one block)."""
     if method == "arcee_fusion":
-        return _fusion_out(xs[0], xs[1], fusion_keep(xs[0], xs[1], seed), out_dtype)
+        return fusion_merge(xs[0], xs[1], fusion_keep(xs[0], xs[1], seed), out_dtype)
     numel = xs[0].numel()
     return apply(method, xs, shared, per, reduce(method, [stats(method, xs, per, 0, numel, seed)], per, numel)[0],
                  out_dtype)
