@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
+import sys
 import time
 
 import numpy as np
@@ -225,13 +225,7 @@ def test_sequence_parallel_settings_are_checked_in_one_line(sp_model, tmp_path):
 
 # ---- Sequence parallelism across processes (gloo on the CPU) -----------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sp_rank(rank: int, world: int, port: int, model_dir: str, batch: dict, zeros: list, chunk: int, out: str):
+def _sp_rank(rank: int, world: int, store: str, model_dir: str, batch: dict, zeros: list, chunk: int, out: str):
     """One rank of a DeepSpeed + Ulysses run: its slice of the row, loss and full gradients."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -243,7 +237,9 @@ def _sp_rank(rank: int, world: int, port: int, model_dir: str, batch: dict, zero
     from rdistill.train.loop import _no_shm_comm_build, ds_config
     from rdistill.train.sequence_parallel import grad_scale, setup_ulysses, shard
     _no_shm_comm_build()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store, not a TCP port picked beforehand: on a busy host (a Ray cluster of the same
+    # session opens ports all the time) the picked port can be taken before rank 0 binds it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     deepspeed.init_distributed(dist_backend="gloo")
     mpu = setup_ulysses(model_dir, "sdpa", world)
     n = (batch["targets"] != IGNORE).sum()
@@ -263,6 +259,12 @@ def _sp_rank(rank: int, world: int, port: int, model_dir: str, batch: dict, zero
     if rank == 0:
         torch.save(res, out)
     dist.barrier()
+    # Leave without the interpreter's teardown: gloo's and DeepSpeed's threads destroyed in
+    # arbitrary order at exit can abort a rank after its work is done (seen once in CI).
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow
@@ -280,7 +282,7 @@ def test_two_rank_sequence_parallel_equals_one_rank_under_every_zero_stage(sp_mo
     ref_loss = (ref_l.sum() / (batch["targets"] != IGNORE).sum()).item()
     out = str(tmp_path / "sp.pt")
     t = time.time()
-    mp.spawn(_sp_rank, args=(2, _free_port(), sp_model, batch, [0, 1, 2, 3], 32, out), nprocs=2)
+    mp.spawn(_sp_rank, args=(2, str(tmp_path / "store"), sp_model, batch, [0, 1, 2, 3], 32, out), nprocs=2)
     res = torch.load(out)
     report = {}
     for zero, r in res.items():
