@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from rdistill.config import MergeSearchConfig
-from rdistill.merge.search import Candidate, candidate_space, rungs, successive_halving
+from rdistill.merge.search import Candidate, _weighted, candidate_space, neighbours, refine, rungs, successive_halving
 
 DOMS = ["math", "code", "science"]
 
@@ -53,6 +53,56 @@ def test_halving_finds_a_planted_best_among_noisy_decoys_and_respects_the_floor(
     assert calls == [(5, 27), (15, 9), (45, 3)]
     assert cands[26].out_at is not None
     assert sum(c.out_at is None for c in cands) == 1
+
+
+def _ta(name: str, ws: list[float]) -> Candidate:
+    return Candidate(name, "task_arithmetic w=" + "/".join(f"{w:g}" for w in ws),
+                     _weighted("task_arithmetic", [f"branch:{d}" for d in DOMS], ws, 0.5, 1.0))
+
+
+def test_neighbours_raise_one_branch_weight_a_step_and_skip_what_was_seen():
+    sc = MergeSearchConfig(weights=[0.5, 0.7, 0.85, 1.0])
+    seen = {"task_arithmetic w=1/0.85/0.85"}
+    near = neighbours(_ta("c14", [0.85, 0.85, 0.85]), sc, 0, seen)
+    assert [c.label for c in near] == ["task_arithmetic w=0.85/1/0.85", "task_arithmetic w=0.85/0.85/1"]
+    assert [c.name for c in near] == ["r00", "r01"] and all(c.refined_from == "c14" for c in near)
+    assert [m["parameters"]["weight"] for m in near[1].steps[0]["models"]] == [0.85, 0.85, 1.0]
+    assert neighbours(_ta("c17", [1.0, 1.0, 1.0]), sc, 0, set()) == []  # already at the top of the grid
+    fusion = next(c for c in candidate_space(DOMS, sc) if c.label.startswith("arcee_fusion"))
+    assert neighbours(fusion, sc, 0, set()) == []  # not a weighted recipe
+    ties = Candidate("c09", "ties", _weighted("ties", [f"branch:{d}" for d in DOMS], [0.5, 1.0, 1.0], 0.7, 1.0))
+    assert [c.label for c in neighbours(ties, sc, 3, set())] == ["ties w=0.7/1/1 density=0.7 lambda=1"]
+
+
+def test_refinement_climbs_to_the_planted_weights_and_respects_the_floor():
+    """Dev scores planted as a function of the weights: science is best at weight 1.2; a math
+    weight above 1.0 has the best mean but puts math below the base. The refinement climbs step by
+    step, never takes that step (it does without the floor), and stops when no neighbour wins."""
+    sc = MergeSearchConfig(weights=[0.5, 0.7, 0.85, 1.0, 1.2, 1.4], refine_rounds=5)
+
+    def truth(c):
+        w = dict(zip(DOMS, (m["parameters"]["weight"] for m in c.steps[0]["models"])))
+        big = w["math"] > 1.0
+        return {"math": 0.3 if big else 0.9 + 0.05 * w["math"], "code": 0.9,
+                "science": 0.9 - (w["science"] - 1.2) ** 2 + (0.9 if big else 0)}
+    calls = []
+
+    def score(alive, k):
+        calls.append((k, [c.name for c in alive]))
+        return {c.name: truth(c) for c in alive}
+    start = _ta("c14", [0.85, 0.85, 0.85])
+    cands = [start]
+    mean = lambda s: sum(s.values()) / len(s)  # noqa: E731
+    chosen = refine(start, cands, 40, sc, score, mean, floor=lambda k: {d: 0.6 for d in DOMS})
+    assert chosen.label == "task_arithmetic w=1/0.85/1.2"
+    assert all(k == 40 for k, _ in calls) and len(calls) == 4  # 3 rounds that moved, 1 that did not
+    assert calls[0][1] == ["c14", "r00", "r01", "r02"]
+    assert chosen.out_at is None and start.out_at is not None
+    assert sum(c.out_at is None for c in cands) == 1 and len({c.name for c in cands}) == len(cands)
+    below = next(c for c in cands if c.label == "task_arithmetic w=1.2/0.85/1.2")  # scored, lost on the floor
+    assert mean(below.scores[40]) > mean(chosen.scores[40]) and below.out_at is not None
+    assert refine(_ta("c14", [0.85, 0.85, 0.85]), [], 40, sc, score, mean).label.startswith("task_arithmetic w=1.2/")
+    assert refine(start, [start], 40, MergeSearchConfig(refine_rounds=0), score, mean) is start
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,9 @@ def test_method_verdict_against_hand_computation():
     assert v.domains["math"]["kept"] == pytest.approx((0.70 - 0.20) / (0.80 - 0.20))
     assert v.domains["code"]["kept"] == pytest.approx(0.40 / 0.50)
     assert v.domains["science"]["kept"] == pytest.approx(0.30 / 0.40)
+    # delta method: sqrt(se_m^2 + kept^2 se_br^2 + (kept - 1)^2 se_b^2) / gain
+    assert v.domains["science"]["kept_se"] == pytest.approx(0.03 * (1 + 0.75 ** 2 + 0.25 ** 2) ** 0.5 / 0.40)
+    assert "science: 75% ± 10%" in v.claims[2][2]
     se = (0.03 ** 2 * 2) ** 0.5  # two rows' errors combined
     assert v.domains["science"]["merge_z"] == pytest.approx(round(0.30 / se, 2))
     assert v.means["merge:fusion"].value == pytest.approx(0.6)
@@ -88,6 +91,20 @@ def test_method_verdict_against_hand_computation():
              for r in _results()]
     w = method_verdict(worse, DOMS, "merge:fusion")
     assert not w.held and [ok for _, ok, _ in w.claims] == [True, False, False, True]
+
+
+def test_kept_standard_error_matches_simulated_evaluations():
+    """The delta-method error of the gain kept against the spread of the ratio over simulated
+    evaluations (200 binomial samples per row, the toy's test size)."""
+    import numpy as np
+    from rdistill.report.verdict import Score, kept_se
+    rng = np.random.default_rng(0)
+    n, p = 200, {"base": 0.56, "branch": 0.90, "merged": 0.82}
+    draws = {k: rng.binomial(n, q, size=20000) / n for k, q in p.items()}
+    sim = (draws["merged"] - draws["base"]) / (draws["branch"] - draws["base"])
+    s = {k: Score(q, (q * (1 - q) / n) ** 0.5) for k, q in p.items()}
+    k = (p["merged"] - p["base"]) / (p["branch"] - p["base"])
+    assert kept_se(s["base"], s["branch"], s["merged"], k) == pytest.approx(float(np.std(sim)), rel=0.1)
 
 
 def test_verdict_compares_with_the_mixture_baseline():
@@ -161,13 +178,18 @@ def test_report_shows_the_search_and_its_margin_over_the_fixed_recipes(run_dir, 
     (run_dir / "merge" / "search.json").write_text(json.dumps({
         "chosen": "c03", "label": "task_arithmetic w=0.7/0.85/1", "objective": "mean", "engine_starts": 2,
         "seconds": 100, "rungs": [{"dev_prompts_per_domain": 10, "candidates": 2}, {"dev_prompts_per_domain": 30, "candidates": 1}],
+        "refined": ["r00"],
         "candidates": [cand("c00", "linear (equal weights)", {"10": 0.4}),
-                       cand("c03", "task_arithmetic w=0.7/0.85/1", {"10": 0.6, "30": 0.63})]}))
+                       cand("c03", "task_arithmetic w=0.7/0.85/1", {"10": 0.6, "30": 0.63}),
+                       dict(cand("r00", "task_arithmetic w=0.85/0.85/1", {"30": 0.61}), refined_from="c03")]}))
     md = (tmp_path / "r" / "report.md") if build_report(run_dir, tmp_path / "r") else None
     text = md.read_text()
     assert "Chosen: **c03**, task_arithmetic w=0.7/0.85/1" in text
     assert "| c03 (chosen) | task_arithmetic w=0.7/0.85/1 | 30 | 63.0 |" in text
     assert "| c00 | linear (equal weights) | 10 | 40.0 |" in text
+    assert "| r00 | task_arithmetic w=0.85/0.85/1 (refines c03) | 30 | 61.0 |" in text
+    assert ("2 candidates, successive halving over 2 rung(s) of 10, 30 dev prompts per domain, then 1 "
+            "refinement candidate(s)") in text
     # dev: 63.3 vs fusion's 60.0; test mean: 63.0 vs fusion's 60.0
     assert "Against the best fixed recipe (fusion): +3.3 on dev (the evaluate stage's dev split), +3.0 on test" in text
     assert "| merge:search (chosen) |" in text

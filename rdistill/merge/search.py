@@ -8,6 +8,14 @@ budget. Successive halving: every candidate is scored on the first `first_prompt
 of each domain; the best 1/eta go on to eta times as many prompts, and so on until the survivors
 have seen the whole dev split; the best of the last rung is the search's choice. A candidate
 below the student base on any domain (`floor=base`, on the same prompts) is never chosen.
+
+Refinement (`refine_rounds`): when the choice is a weighted method, its neighbours, each with one
+branch's weight one step up the configured values, are scored on the whole dev split and the
+best of them and the choice is kept, round after round while a neighbour wins. Up, not down:
+merging dilutes each branch's task vector by the others' (task arithmetic adds them all to one
+base; TIES and DARE-TIES divide by the weights' sum), and the domain that loses most of its gain
+is the one whose branch needs a larger share; on the toy, science keeps 80% of its gain at weight
+0.85 each and about all of it with 0.7/0.7/1.3.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ class Candidate:
     """prompts per domain -> {domain: dev pass@1} for each rung it reached."""
     out_at: Optional[int] = None
     """The rung it was eliminated at (None: it reached the last one)."""
+    refined_from: Optional[str] = None
+    """The candidate it is a neighbour of (refinement), else None."""
 
 
 def _step(name: str, method: str, base: Optional[str], models: list[tuple[str, dict]], params: dict) -> dict:
@@ -103,6 +113,73 @@ def _weighted(method: str, branches: list[str], ws: list[float], density: float,
         return [_step("final", method, "base", [(b, {"weight": w}) for b, w in zip(branches, ws)], {})]
     return [_step("final", method, "base", [(b, {"weight": w, "density": density}) for b, w in zip(branches, ws)],
                   {"lambda": lam, "normalize": True})]
+
+
+def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, float]]:
+    """(method, per-branch weights, density, lambda) of a one-step weighted candidate, else None."""
+    if len(c.steps) != 1 or c.steps[0]["merge_method"] not in ("task_arithmetic", "ties", "dare_ties"):
+        return None
+    s = c.steps[0]
+    ps = [m["parameters"] for m in s["models"]]
+    return (s["merge_method"], [p["weight"] for p in ps], ps[0].get("density", 0.5),
+            s["parameters"].get("lambda", 1.0))
+
+
+def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) -> list[Candidate]:
+    """`c` with one branch's weight one step up `sc.weights`, for each branch that has a step up;
+    named r<start>, r<start+1>, ...; recipes whose label is in `seen` are left out (and added)."""
+    rec = _weighted_recipe(c)
+    if rec is None:
+        return []
+    method, ws, dens, lam = rec
+    grid = sorted(set(sc.weights))
+    branches = [m["model"] for m in c.steps[0]["models"]]
+    out = []
+    for i, w in enumerate(ws):
+        up = [g for g in grid if g > w + 1e-9]
+        if not up:
+            continue
+        new = list(ws)
+        new[i] = up[0]
+        label = _label(method, new, dens, lam)
+        if label in seen:
+            continue
+        seen.add(label)
+        out.append(Candidate(f"r{start + len(out):02d}", label, _weighted(method, branches, new, dens, lam),
+                             refined_from=c.name))
+    return out
+
+
+def refine(chosen: Candidate, cands: list[Candidate], n_dev: int, sc: MergeSearchConfig,
+           score: Callable[[list[Candidate], int], dict[str, dict[str, float]]],
+           objective: Callable[[dict[str, float]], float],
+           floor: Optional[Callable[[int], dict[str, float]]] = None) -> Candidate:
+    """Rounds of per-branch weight refinement (module docstring) on the whole dev split; the
+    neighbours are appended to `cands` (with their scores, and `out_at` = the round they lost
+    in, counted after the halving's rungs). Returns the final choice."""
+    seen = {c.label for c in cands}
+    rung0 = max((c.out_at for c in cands if c.out_at is not None), default=-1) + 1
+    for r in range(sc.refine_rounds):
+        near = neighbours(chosen, sc, sum(c.refined_from is not None for c in cands), seen)
+        if not near:
+            break
+        cands.extend(near)
+        got = score([chosen, *near], n_dev)
+        base = floor(n_dev) if floor else None
+        for c in [chosen, *near]:
+            c.scores[n_dev] = got[c.name]
+
+        def key(c: Candidate) -> tuple:
+            s = c.scores[n_dev]
+            return (base is None or all(s[d] >= base[d] for d in s if d in base), objective(s))
+        best = max([chosen, *near], key=key)  # the earlier (the incumbent) wins a tie
+        for c in [chosen, *near]:
+            if c is not best:
+                c.out_at = rung0 + r
+        if best is chosen:
+            break
+        chosen = best
+    return chosen
 
 
 def rungs(n_candidates: int, n_dev: int, first: int, eta: int) -> list[tuple[int, int]]:

@@ -21,7 +21,7 @@ from rdistill.log import log
 from rdistill.merge.api import chain_resolver
 from rdistill.merge.execute import Options, run_step
 from rdistill.merge.plan import step_from_dict
-from rdistill.merge.search import Candidate, candidate_space, rungs, successive_halving
+from rdistill.merge.search import Candidate, candidate_space, refine, rungs, successive_halving
 from rdistill.rundir import write_json_atomic
 
 BASE = "base"  # the student base: scored too, for the floor
@@ -123,9 +123,14 @@ def run_search(ctx, opts: Options, resolve) -> dict:
 
     objective = lambda s: objective_score(s, cfg.merge.objective, cfg.merge.domain_weights)  # noqa: E731
     floor = (lambda k: score([(BASE, resolve("base"))], k)[BASE]) if sc.floor == "base" else None
+    by_rung = lambda alive, k: score([(c.name, merged(c)) for c in alive], k)  # noqa: E731
     try:
-        chosen = successive_halving(
-            cands, n_dev, sc, lambda alive, k: score([(c.name, merged(c)) for c in alive], k), objective, floor)
+        chosen = successive_halving(cands, n_dev, sc, by_rung, objective, floor)
+        halved = chosen.name
+        chosen = refine(chosen, cands, n_dev, sc, by_rung, objective, floor)
+        if chosen.name != halved:
+            log.info("merge search: refined %s (%s) to %s (%s)", halved,
+                     next(c.label for c in cands if c.name == halved), chosen.name, chosen.label)
     finally:
         pool.close()
     dest = ctx.out / SEARCH_CANDIDATE
@@ -138,7 +143,9 @@ def run_search(ctx, opts: Options, resolve) -> dict:
     report = {"chosen": chosen.name, "label": chosen.label, "objective": cfg.merge.objective,
               "rungs": [{"dev_prompts_per_domain": k, "candidates": n} for k, n in plan],
               "base_dev": base_scores, "engine_starts": starts["n"], "seconds": round(time.time() - t_start, 1),
+              "refined": [c.name for c in cands if c.refined_from is not None],
               "candidates": [{"name": c.name, "label": c.label, "steps": c.steps, "out_at_rung": c.out_at,
+                              "refined_from": c.refined_from,
                               "dev": {str(k): v for k, v in c.scores.items()},
                               "objective": {str(k): round(objective(v), 6) for k, v in c.scores.items()}}
                              for c in cands]}

@@ -73,15 +73,19 @@ def _search_md(srch: dict | None, sel: dict | None, t) -> str:
     if not srch:
         return "(no merge search in this run)"
     rungs = [r["dev_prompts_per_domain"] for r in srch["rungs"]]
+    refined = srch.get("refined") or []
+    also = (f", then {len(refined)} refinement candidate(s) on the whole dev split (the choice with one "
+            f"branch's weight a step up)" if refined else "")
     lines = [f"Chosen: **{srch['chosen']}**, {srch['label']} (recipe: `merge/search/recipe.yaml`); "
-             f"{len(srch['candidates'])} candidates, successive halving over {len(rungs)} rung(s) of "
-             f"{', '.join(map(str, rungs))} dev prompts per domain, {srch['engine_starts']} engine start(s), "
+             f"{len(srch['candidates']) - len(refined)} candidates, successive halving over {len(rungs)} rung(s) of "
+             f"{', '.join(map(str, rungs))} dev prompts per domain{also}; {srch['engine_starts']} engine start(s), "
              f"{srch['seconds']:.0f} s.", "",
              "| candidate | recipe | dev prompts | dev objective |", "|---|---|---:|---:|"]
     for c in sorted(srch["candidates"], key=lambda c: (-max(map(int, c["objective"])), -max(c["objective"].values()))):
         k = str(max(map(int, c["objective"])))
         mark = " (chosen)" if c["name"] == srch["chosen"] else ""
-        lines.append(f"| {c['name']}{mark} | {c['label']} | {k} | {100 * c['objective'][k]:.1f} |")
+        whence = f" (refines {c['refined_from']})" if c.get("refined_from") else ""
+        lines.append(f"| {c['name']}{mark} | {c['label']}{whence} | {k} | {100 * c['objective'][k]:.1f} |")
     fixed = [n for n in (sel or {}).get("scores", {}) if n != "search"]
     if fixed and "search" in (sel or {}).get("scores", {}):
         dev = sel["scores"]
