@@ -60,18 +60,25 @@ def _ta(name: str, ws: list[float]) -> Candidate:
                      _weighted("task_arithmetic", [f"branch:{d}" for d in DOMS], ws, 0.5, 1.0))
 
 
-def test_neighbours_raise_one_branch_weight_a_step_and_skip_what_was_seen():
+def test_neighbours_move_one_branch_weight_a_step_and_skip_what_was_seen():
     sc = MergeSearchConfig(weights=[0.5, 0.7, 0.85, 1.0])
     seen = {"task_arithmetic w=1/0.85/0.85"}
     near = neighbours(_ta("c14", [0.85, 0.85, 0.85]), sc, 0, seen)
-    assert [c.label for c in near] == ["task_arithmetic w=0.85/1/0.85", "task_arithmetic w=0.85/0.85/1"]
-    assert [c.name for c in near] == ["r00", "r01"] and all(c.refined_from == "c14" for c in near)
-    assert [m["parameters"]["weight"] for m in near[1].steps[0]["models"]] == [0.85, 0.85, 1.0]
-    assert neighbours(_ta("c17", [1.0, 1.0, 1.0]), sc, 0, set()) == []  # already at the top of the grid
+    assert [c.label for c in near] == ["task_arithmetic w=0.7/0.85/0.85", "task_arithmetic w=0.85/1/0.85",
+                                       "task_arithmetic w=0.85/0.7/0.85", "task_arithmetic w=0.85/0.85/1",
+                                       "task_arithmetic w=0.85/0.85/0.7"]
+    assert [c.name for c in near] == ["r00", "r01", "r02", "r03", "r04"] and all(c.refined_from == "c14" for c in near)
+    assert [m["parameters"]["weight"] for m in near[3].steps[0]["models"]] == [0.85, 0.85, 1.0]
+    assert neighbours(_ta("c14", [0.85, 0.85, 0.85]), sc, 0, seen) == []  # all seen now
+    top = [c.label for c in neighbours(_ta("c17", [1.0, 1.0, 0.5]), sc, 0, set())]
+    assert top == ["task_arithmetic w=0.85/1/0.5", "task_arithmetic w=1/0.85/0.5", "task_arithmetic w=1/1/0.7"]
     fusion = next(c for c in candidate_space(DOMS, sc) if c.label.startswith("arcee_fusion"))
     assert neighbours(fusion, sc, 0, set()) == []  # not a weighted recipe
+    # TIES divides by the weights' sum: a step that only rescales all weights is the same recipe
     ties = Candidate("c09", "ties", _weighted("ties", [f"branch:{d}" for d in DOMS], [0.5, 1.0, 1.0], 0.7, 1.0))
-    assert [c.label for c in neighbours(ties, sc, 3, set())] == ["ties w=0.7/1/1 density=0.7 lambda=1"]
+    assert [c.label for c in neighbours(ties, sc, 3, set())] == [
+        "ties w=0.7/1/1 density=0.7 lambda=1", "ties w=0.5/0.85/1 density=0.7 lambda=1",
+        "ties w=0.5/1/0.85 density=0.7 lambda=1"]
 
 
 def test_refinement_climbs_to_the_planted_weights_and_respects_the_floor():
@@ -96,7 +103,7 @@ def test_refinement_climbs_to_the_planted_weights_and_respects_the_floor():
     chosen = refine(start, cands, 40, sc, score, mean, floor=lambda k: {d: 0.6 for d in DOMS})
     assert chosen.label == "task_arithmetic w=1/0.85/1.2"
     assert all(k == 40 for k, _ in calls) and len(calls) == 4  # 3 rounds that moved, 1 that did not
-    assert calls[0][1] == ["c14", "r00", "r01", "r02"]
+    assert calls[0][1] == ["c14", "r00", "r01", "r02", "r03", "r04", "r05"]
     assert chosen.out_at is None and start.out_at is not None
     assert sum(c.out_at is None for c in cands) == 1 and len({c.name for c in cands}) == len(cands)
     below = next(c for c in cands if c.label == "task_arithmetic w=1.2/0.85/1.2")  # scored, lost on the floor

@@ -10,12 +10,13 @@ have seen the whole dev split; the best of the last rung is the search's choice.
 below the student base on any domain (`floor=base`, on the same prompts) is never chosen.
 
 Refinement (`refine_rounds`): when the choice is a weighted method, its neighbours, each with one
-branch's weight one step up the configured values, are scored on the whole dev split and the
-best of them and the choice is kept, round after round while a neighbour wins. Up, not down:
-merging dilutes each branch's task vector by the others' (task arithmetic adds them all to one
-base; TIES and DARE-TIES divide by the weights' sum), and the domain that loses most of its gain
-is the one whose branch needs a larger share; on the toy, science keeps 80% of its gain at weight
-0.85 each and about all of it with 0.7/0.7/1.3.
+branch's weight one step up or down the configured values, are scored on the whole dev split and
+the best of them and the choice is kept, round after round while a neighbour wins. Merging
+dilutes each branch's task vector by the others' (task arithmetic adds them all to one base;
+TIES and DARE-TIES divide by the weights' sum), and the domain that loses most of its gain needs
+its branch's share raised, or the others' lowered: on the toy, science keeps 80% of its gain at
+weight 0.85 each and about all of it with 0.7/0.7/1.3. Successive halving alone rarely finds such
+a recipe: on its first rung, 10 prompts cannot tell recipes a few points apart.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, fl
 
 
 def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) -> list[Candidate]:
-    """`c` with one branch's weight one step up `sc.weights`, for each branch that has a step up;
-    named r<start>, r<start+1>, ...; recipes whose label is in `seen` are left out (and added)."""
+    """`c` with one branch's weight one step up, then one step down, `sc.weights`, for each branch
+    (where the grid has the step); named r<start>, r<start+1>, ...; recipes whose label is in
+    `seen` are left out (and added)."""
     rec = _weighted_recipe(c)
     if rec is None:
         return []
@@ -136,17 +138,16 @@ def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) 
     branches = [m["model"] for m in c.steps[0]["models"]]
     out = []
     for i, w in enumerate(ws):
-        up = [g for g in grid if g > w + 1e-9]
-        if not up:
-            continue
-        new = list(ws)
-        new[i] = up[0]
-        label = _label(method, new, dens, lam)
-        if label in seen:
-            continue
-        seen.add(label)
-        out.append(Candidate(f"r{start + len(out):02d}", label, _weighted(method, branches, new, dens, lam),
-                             refined_from=c.name))
+        up, down = [g for g in grid if g > w + 1e-9], [g for g in grid if g < w - 1e-9]
+        for step in ([up[0]] if up else []) + ([down[-1]] if down else []):
+            new = list(ws)
+            new[i] = step
+            label = _label(method, new, dens, lam)
+            if label in seen:
+                continue
+            seen.add(label)
+            out.append(Candidate(f"r{start + len(out):02d}", label, _weighted(method, branches, new, dens, lam),
+                                 refined_from=c.name))
     return out
 
 
