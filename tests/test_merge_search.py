@@ -121,8 +121,9 @@ def search_run(ray_cluster, tmp_path_factory):
     from rdistill.toy.stage import write_data
     root = tmp_path_factory.mktemp("search")
     cfg = load([f"run_dir={root}", "stages=[merge]", "merge.candidates=[]", "merge.search.methods=[task_arithmetic]",
-                "merge.search.weights=[0.1,0.3333333333]", "merge.search.candidates=8", "merge.search.first_prompts=6",
-                "merge.search.samples=1", "merge.search.eta=3", "toy.n_dev=12", "eval.sampling.max_tokens=96",
+                "merge.search.weights=[0.1,0.3333333333,0.6]", "merge.search.candidates=8", "merge.search.first_prompts=6",
+                "merge.search.samples=1", "merge.search.eta=3", "merge.search.refine_rounds=1", "toy.n_dev=12",
+                "eval.sampling.max_tokens=96",
                 "student.base=" + str(ASSETS / "base")])
     write_data(root / "toy" / "data", cfg.toy)
     (root / "toy" / "manifest.json").write_text(json.dumps({"fingerprint": "toy"}))
@@ -162,11 +163,19 @@ def test_search_on_small_models_finds_the_planted_best_then_resumes_without_resc
                                                   real_answer(pool, items, sbx))[1])
     monkeypatch.setattr(sr, "run_step", lambda *a, **k: (merged.append(a[0].name), real_step(*a, **k))[1])
     res = pipeline.run_stage(cfg, run, "merge")["result"]
-    # resumed: nothing merged again, and only the prompts of the later rungs were scored
-    assert merged == []
-    assert all(n == 3 * (12 - 6) for _, n in scored), scored  # 3 domains x the 6 new dev prompts x 1 sample
+    # resumed: no halving candidate merged again, and only the prompts of the later rungs were
+    # scored; then the refinement's 4 neighbours (one branch's weight a step up or down the grid,
+    # less the 2 recipes the halving had) merged and scored on the whole dev split, none of them
+    # better than the planted best
     report = json.loads((root / "merge" / "search.json").read_text())
-    assert res["search_candidates"] == 8 and len(report["candidates"]) == 8
+    assert merged == ["final"] * 4
+    halving = [(n, k) for n, k in scored if not n.startswith("r")]
+    assert halving and all(k == 3 * (12 - 6) for _, k in halving), scored  # 3 domains x 6 new prompts x 1 sample
+    assert sorted(n for n, _ in scored if n.startswith("r")) == report["refined"] == ["r00", "r01", "r02", "r03"]
+    assert all(k == 3 * 12 for n, k in scored if n.startswith("r"))
+    assert res["search_candidates"] == 12 and len(report["candidates"]) == 12
+    assert all(c["out_at_rung"] is not None and c["refined_from"] == report["chosen"]
+               for c in report["candidates"] if c["name"] in report["refined"])
     chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
     weights = [m["parameters"]["weight"] for m in chosen["steps"][0]["models"]]
     assert weights == pytest.approx([1 / 3] * 3, rel=1e-6), chosen["label"]
