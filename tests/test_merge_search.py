@@ -187,7 +187,6 @@ def test_search_on_small_models_finds_the_planted_best_then_resumes_without_resc
 
 
 def test_search_refuses_mismatched_models_before_any_work(tmp_path):
-    from rdistill.cli.compose import load
     from rdistill.merge.search_run import check_family
     from rdistill.toy.model import tiny_test_model
     a, b = tiny_test_model(tmp_path / "a"), tiny_test_model(tmp_path / "b", num_hidden_layers=2)

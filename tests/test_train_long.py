@@ -329,7 +329,7 @@ def test_ray_data_tokenizer_writes_the_same_rows_as_the_driver(ray_cluster, sp_m
         with pytest.raises(SFTDataError) as e:
             prepare_data(sp_model, files, TrainConfig(max_len=200, tokenize_with_ray_data=ray_data), tmp_path / "bad")
         errors.append(str(e.value))
-    assert errors[0] == errors[1] and f"b.jsonl:98: needs 'messages'" in errors[0]
+    assert errors[0] == errors[1] and "b.jsonl:98: needs 'messages'" in errors[0]
 
 
 # ---- End to end through Ray Train ---------------------------------------------------------------
