@@ -298,3 +298,21 @@ def test_arcee_fusion_copies_an_integer_buffer_that_all_inputs_share(tmp_path):
     out = merge(plan, tmp_path / "out", in_process=True, log=lambda s: None)
     got = load_file(out / "model.safetensors")
     assert torch.equal(got["positions"], torch.arange(10)) and got["emb"].dtype == torch.bfloat16
+
+
+def test_methods_make_their_tensors_on_the_inputs_device():
+    """Every method on inputs of the meta device, the CPU's stand-in for an accelerator: a tensor
+    a method makes on the CPU (weights, slerp's t) fails there as it fails on CUDA (seen on an
+    H200: `merge(..., device="gpu")` of a linear merge). What reads the data itself (Arcee
+    Fusion's quantiles, TIES's top-k at density < 1) cannot run on meta tensors; the GPU
+    benchmark checks those (benchmarks/bench_gpu.py: GPU output equal to the CPU's)."""
+    from rdistill.merge.methods import METHODS, merge_tensor
+    for name, spec in METHODS.items():
+        if name == "arcee_fusion":
+            continue
+        xs = [torch.randn(8, 4, device="meta") for _ in range(2 if name == "slerp" else 3)]
+        n = len(xs) - (0 if spec.base != "required" and name != "slerp" else 1)
+        shared = dict(spec.shared or {}, **({"t": 0.5} if name == "slerp" else {}))
+        per = [{"weight": 1.0, "density": 1.0} for _ in range(n)]
+        out = merge_tensor(name, xs, shared, per, [torch.Generator() for _ in range(n)], "w")
+        assert out.device.type == "meta" and out.shape == (8, 4), name

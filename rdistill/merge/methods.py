@@ -140,7 +140,7 @@ def _gta_spec(sparsify, consensus, normalize, rescale) -> MethodSpec:
 def linear(xs, shared, per, gens, name):
     first = xs[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    weights = torch.tensor([p["weight"] for p in per], dtype=dtype)
+    weights = torch.tensor([p["weight"] for p in per], dtype=dtype, device=first.device)
     out = torch.zeros_like(first, dtype=dtype)
     for x, w in zip(xs, weights.unbind(0)):
         out.addcmul_(x, w.reshape((1,) * max(x.ndim, 1)) if x.ndim else w)
@@ -154,7 +154,7 @@ def slerp(xs, shared, per, gens, name, dot_threshold: float = 0.9995, eps: float
     v0, v1 = xs
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    t = torch.tensor([[float(shared["t"])]], dtype=dtype)
+    t = torch.tensor([[float(shared["t"])]], dtype=dtype, device=v0.device)
     if not a.shape[1]:
         return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
     na = [torch.linalg.vector_norm(a[:, s:s + chunk].to(dtype), dim=1, keepdim=True) for s in range(0, a.shape[1], chunk)]
