@@ -151,6 +151,15 @@ def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) 
     return out
 
 
+def _rank(k: int, base: Optional[dict[str, float]], objective: Callable[[dict[str, float]], float]):
+    """Sort key of candidates scored on k dev prompts: at or above the base's floor on every
+    domain first, then by the objective."""
+    def key(c: Candidate) -> tuple:
+        s = c.scores[k]
+        return (base is None or all(s[d] >= base[d] for d in s if d in base), objective(s))
+    return key
+
+
 def refine(chosen: Candidate, cands: list[Candidate], n_dev: int, sc: MergeSearchConfig,
            score: Callable[[list[Candidate], int], dict[str, dict[str, float]]],
            objective: Callable[[dict[str, float]], float],
@@ -169,11 +178,7 @@ def refine(chosen: Candidate, cands: list[Candidate], n_dev: int, sc: MergeSearc
         base = floor(n_dev) if floor else None
         for c in [chosen, *near]:
             c.scores[n_dev] = got[c.name]
-
-        def key(c: Candidate) -> tuple:
-            s = c.scores[n_dev]
-            return (base is None or all(s[d] >= base[d] for d in s if d in base), objective(s))
-        best = max([chosen, *near], key=key)  # the earlier (the incumbent) wins a tie
+        best = max([chosen, *near], key=_rank(n_dev, base, objective))  # the incumbent, first, wins a tie
         for c in [chosen, *near]:
             if c is not best:
                 c.out_at = rung0 + r
@@ -208,12 +213,7 @@ def successive_halving(cands: list[Candidate], n_dev: int, sc: MergeSearchConfig
         base = floor(k) if floor else None
         for c in alive:
             c.scores[k] = got[c.name]
-
-        def key(c: Candidate) -> tuple:
-            s = c.scores[k]
-            ok = base is None or all(s[d] >= base[d] for d in s if d in base)
-            return (ok, objective(s))
-        ranked = sorted(alive, key=key, reverse=True)  # stable: the earlier candidate wins a tie
+        ranked = sorted(alive, key=_rank(k, base, objective), reverse=True)  # stable: the earlier candidate wins a tie
         keep = plan[r + 1][1] if r + 1 < len(plan) else 1
         for c in ranked[keep:]:
             c.out_at = r

@@ -126,11 +126,10 @@ def run_search(ctx, opts: Options, resolve) -> dict:
     by_rung = lambda alive, k: score([(c.name, merged(c)) for c in alive], k)  # noqa: E731
     try:
         chosen = successive_halving(cands, n_dev, sc, by_rung, objective, floor)
-        halved = chosen.name
-        chosen = refine(chosen, cands, n_dev, sc, by_rung, objective, floor)
-        if chosen.name != halved:
-            log.info("merge search: refined %s (%s) to %s (%s)", halved,
-                     next(c.label for c in cands if c.name == halved), chosen.name, chosen.label)
+        halved = chosen
+        chosen = refine(halved, cands, n_dev, sc, by_rung, objective, floor)
+        if chosen is not halved:
+            log.info("merge search: refined %s (%s) to %s (%s)", halved.name, halved.label, chosen.name, chosen.label)
     finally:
         pool.close()
     dest = ctx.out / SEARCH_CANDIDATE

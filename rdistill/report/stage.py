@@ -75,7 +75,7 @@ def _search_md(srch: dict | None, sel: dict | None, t) -> str:
     rungs = [r["dev_prompts_per_domain"] for r in srch["rungs"]]
     refined = srch.get("refined") or []
     also = (f", then {len(refined)} refinement candidate(s) on the whole dev split (the choice with one "
-            f"branch's weight a step up)" if refined else "")
+            f"branch's weight a step up or down)" if refined else "")
     lines = [f"Chosen: **{srch['chosen']}**, {srch['label']} (recipe: `merge/search/recipe.yaml`); "
              f"{len(srch['candidates']) - len(refined)} candidates, successive halving over {len(rungs)} rung(s) of "
              f"{', '.join(map(str, rungs))} dev prompts per domain{also}; {srch['engine_starts']} engine start(s), "
