@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from rdistill.config import SandboxConfig
-from rdistill.scoring.extract import choice_letter, code_block, format_problem, gold_letter
+from rdistill.scoring.choice import choice_letter
+from rdistill.scoring.extract import code_block, format_problem, gold_letter
 from rdistill.scoring.verifiers import Verdict, score, score_rows
 
 THINK = "<think>working it out</think> "
@@ -79,9 +80,9 @@ def test_code_block_extraction():
 @pytest.mark.parametrize("text,letter", [
     ("Answer: B", "B"), ("**Answer:** C", "C"), ("answer: (D)", "D"), ("The answer is (A).", "A"),
     ("the correct answer is C because", "C"), (r"So \boxed{B}", "B"), ("Thus:\n\nD\n", "D"),
-    ("I pick (C) over (A). Answer: A", "A"), ("Option B is correct.", "B"), ("no idea", None),
-    ("Answer: b", None),
-])
+    ("I pick (C) over (A). Answer: A", None),  # two answer statements that disagree
+    ("Option B is correct.", "B"), ("no idea", None), ("Answer: b", "B"),
+])  # the real-style endings are in tests/fixtures/endings (tests/test_answer_endings.py)
 def test_science_letters_in_several_styles(text, letter):
     assert choice_letter(THINK + text) == letter
 

@@ -1,6 +1,6 @@
 """Pulling the final answer out of a completion: the text after `</think>`, the last fenced Python
-block, the chosen multiple-choice letter. Pure string work, shared by the filters and the
-evaluation."""
+block, a gold option letter. Pure string work, shared by the filters and the evaluation (the
+chosen option letter is rdistill.scoring.choice, the math answer rdistill.scoring.math_answer)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,6 @@ from typing import Optional
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.S)
-# Letter patterns, strongest first; within one pattern the last match wins (answers come last).
-_LETTER_PATTERNS = [  # keywords in any case, the letter itself in capitals
-    re.compile(r"(?i:answer)\s*[:：]\s*[*_$\\{(\[\s]*(?:\\text(?:bf)?\{)?\s*\(?([A-J])\b"),
-    re.compile(r"(?i:answer\s+(?:is|would be|should be))\s*[:：]?\s*[*_$\\{(\[\s]*"
-               r"(?i:option\s+|choice\s+)?\(?([A-J])\b"),
-    re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-J])\)?\s*\}?\s*\}"),
-    re.compile(r"(?i:option|choice)\s+\(?([A-J])\)?\s+(?i:is\s+(?:correct|right|the answer))"),
-    re.compile(r"^\s*[*_]*\(?([A-J])[).:]?[*_]*\s*$", re.M),
-    re.compile(r"\(([A-J])\)"),
-]
 
 
 def final_answer(completion: str) -> str:
@@ -55,17 +45,6 @@ def code_block(completion: str, language: str = "python") -> Optional[str]:
         return blocks[-1][1]
     text = answer.strip()
     return text or None
-
-
-def choice_letter(completion: str) -> Optional[str]:
-    """The chosen option letter (A-J) of a multiple-choice answer: `Answer: X` first, then
-    looser patterns (`the answer is (X)`, `\\boxed{X}`, a lone letter on a line, `(X)`)."""
-    answer = final_answer(completion)
-    for pat in _LETTER_PATTERNS:
-        found = pat.findall(answer)
-        if found:
-            return found[-1].upper()
-    return None
 
 
 def gold_letter(gold: Optional[str]) -> Optional[str]:

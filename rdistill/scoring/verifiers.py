@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from rdistill.config import SandboxConfig
-from rdistill.scoring.extract import choice_letter, code_block, final_answer, gold_letter
+from rdistill.scoring.choice import choice_letter
+from rdistill.scoring.extract import code_block, gold_letter
+from rdistill.scoring.math_answer import math_prediction
 
 KINDS = ("math", "code", "science")
 MATH_TIMEOUT_S = 5
@@ -63,7 +65,7 @@ def _math(completion: str, gold: Optional[str], timeout: Optional[int]) -> tuple
     g = parse(_gold_text(str(gold)), parsing_timeout=timeout)
     if not g:
         return False, f"gold answer {gold!r} does not parse", None
-    p = parse(final_answer(completion), parsing_timeout=timeout)
+    p = parse(math_prediction(completion, str(gold)), parsing_timeout=timeout)
     if not p:
         return False, "no answer found", None
     shown = str(p[-1]) if len(p) > 1 else str(p[0])
