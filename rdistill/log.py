@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -48,13 +49,15 @@ class Progress:
 
 
 _log_file: str | None = None
+_file_handler: logging.Handler | None = None
+_quiet = False
 
 
 def log_to_file(run_dir: str) -> str | None:
     """Also write every rdistill log line (debug included) to <run_dir>/logs/run-<time>.log, where
     the entry point adds the traceback of a failure that it reports in one line. Returns the path
     (None when the folder cannot be created: the run itself then says why)."""
-    global _log_file
+    global _log_file, _file_handler
     import os
     try:
         d = os.path.join(run_dir, "logs")
@@ -66,6 +69,7 @@ def log_to_file(run_dir: str) -> str | None:
     h.setLevel(logging.DEBUG)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     log.addHandler(h)
+    _file_handler = h
     log.setLevel(logging.DEBUG)
     for handler in log.handlers:  # the console keeps its level
         if handler is not h and handler.level == logging.NOTSET:
@@ -76,3 +80,112 @@ def log_to_file(run_dir: str) -> str | None:
 
 def log_file_path() -> str | None:
     return _log_file
+
+
+# ---------------------------------------------------------------- the console: rdistill's lines only
+
+_NOTABLE = re.compile(r"Traceback \(most recent call last\)|\b(?:ERROR|CRITICAL|OutOfMemoryError|out of memory|"
+                      r"OOM|SIGKILL|Killed|died)\b")
+
+
+def quiet_console(verbose: bool = False) -> None:
+    """Third-party output goes to the run log, not the console: Ray's, Ray Data's progress blocks,
+    vLLM's, torch's and Python's warnings lose their console handlers and write to the run log
+    instead, and Ray workers' output (`capture_worker_output`) likewise. Only the command line asks
+    for this (a library caller keeps the full stream); `verbose=true` leaves the stream as it is.
+    Idempotent: called again after imports and at each stage, since libraries set up their
+    loggers when first imported."""
+    global _quiet
+    if verbose:
+        return
+    _quiet = True
+    logging.captureWarnings(True)
+    try:  # Ray and Ray Data set up their console handlers on import: import them first
+        import ray.data  # noqa: F401
+    except ImportError:
+        pass
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+                                       if not n.startswith("rdistill")]
+    for lg in loggers:
+        console = [h for h in lg.handlers if _is_console(h)]
+        for h in console:
+            lg.removeHandler(h)
+        if console and _file_handler is not None and _file_handler not in lg.handlers:
+            lg.addHandler(_file_handler)
+    py_warnings = logging.getLogger("py.warnings")
+    py_warnings.propagate = False
+    if _file_handler is not None and _file_handler not in py_warnings.handlers:
+        py_warnings.addHandler(_file_handler)
+    data = logging.getLogger("ray.data._internal.progress.logging_progress")
+    if not any(isinstance(h, _DataProgress) for h in data.handlers):
+        data.addHandler(_DataProgress())
+
+
+def _is_console(h: logging.Handler) -> bool:
+    """A handler that writes to a terminal stream (not a file, not an in-memory buffer)."""
+    import io
+    if not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler):
+        return False
+    return not isinstance(getattr(h, "stream", None), io.StringIO)
+
+
+class _DataProgress(logging.Handler):
+    """Ray Data's progress block without a terminal (15 lines every 10 s) as one rdistill line
+    every 30 s: its overall line and its last operator's (the write or the final map)."""
+
+    def __init__(self, every_s: float = 30.0):
+        super().__init__(logging.INFO)
+        self.every_s, self.last, self.block = every_s, 0.0, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = " ".join(record.getMessage().split())
+        if msg.startswith("======= Running Dataset"):
+            self.block = []
+        elif self.block is not None and msg.startswith("====="):
+            lines, self.block = self.block, None
+            ops = [l for l in lines[1:] if ":" in l and not l.startswith("Tasks:")]
+            now = time.monotonic()
+            if lines and now - self.last >= self.every_s:
+                self.last = now
+                log.info("  data: %s%s", lines[0], f"; {ops[-1]}" if ops else "")
+        elif self.block is not None and msg:
+            self.block.append(msg)
+
+
+def requiet() -> None:
+    """`quiet_console` again if the command line turned it on (after imports that set up loggers)."""
+    if _quiet:
+        quiet_console()
+
+
+def capture_worker_output() -> None:
+    """Ray workers' stdout and stderr (what Ray streams to the driver) go to
+    `<run_dir>/logs/workers.log`; a line that matters (an error, a traceback, an out-of-memory, a
+    worker that died) still reaches the console as one rdistill line per process and minute.
+    Does nothing unless `quiet_console` is on."""
+    if not _quiet or _log_file is None:
+        return
+    import os
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    path = os.path.join(os.path.dirname(_log_file), "workers.log")
+    out = open(path, "a", buffering=1, errors="replace")
+    told: dict = {}
+
+    def handle(data: dict) -> None:
+        who = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
+        for line in data.get("lines", []):
+            out.write(f"({who} pid={data.get('pid')}) {line}\n")
+            if _NOTABLE.search(line) or "retried" in line:
+                now = time.monotonic()
+                if now - told.get(data.get("pid"), -1e9) >= 60:
+                    told[data.get("pid")] = now
+                    log.warning("worker %s: %s (more in %s)", who, line.strip()[:300], path)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("rdistill_worker_log")
+    dispatcher.add_handler("rdistill_worker_log", handle)
+    # Errors the cluster publishes to the driver (a task retried, a worker killed) do not go
+    # through the dispatcher: Ray's error listener prints them with this module function.
+    import ray._private.worker as ray_worker
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: handle(data)

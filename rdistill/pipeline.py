@@ -21,7 +21,8 @@ from rdistill.config import STAGES, ExperimentConfig, to_dict
 from rdistill.config.fields import ConfigError
 from rdistill.evaluate import stage as evaluate
 from rdistill.generate import stage as generate
-from rdistill.log import log
+from rdistill.llm.failures import engine_failure
+from rdistill.log import log, requiet
 from rdistill.merge import stage as merge
 from rdistill.report import stage as report
 from rdistill.rundir import MANIFEST, RunDir, listing_hash, stable_hash, write_json_atomic
@@ -86,11 +87,18 @@ def run_stage(cfg: ExperimentConfig, run: RunDir, stage: str) -> dict:
     spec = SPECS[stage]
     work = run.work_dir(stage)
     work.mkdir(parents=True, exist_ok=True)
+    requiet()  # loggers set up by the previous stage's imports
     log.info("== %s: start", stage)
     tracking.stage_started(stage, spec.config_slice(cfg))  # nested run (resumed if unfinished)
     t0 = time.time()
     with run.building(stage) as out:
-        result = stage_fn(stage)(StageContext(cfg, run, out, work)) or {}
+        try:
+            result = stage_fn(stage)(StageContext(cfg, run, out, work)) or {}
+        except Exception as e:
+            why = engine_failure(e, spec.engine) if spec.engine else None
+            if why is not None:
+                raise why from e
+            raise
         wall = time.time() - t0
         manifest = {
             "stage": stage,
@@ -106,7 +114,8 @@ def run_stage(cfg: ExperimentConfig, run: RunDir, stage: str) -> dict:
         write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     tracking.stage_finished(stage, manifest, run.stage_dir(stage))  # figures, manifest, report
-    counts = ", ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, (int, float, str)))
+    counts = ", ".join(f"{k}={v}" for k, v in result.items()
+                       if isinstance(v, (int, float)) or (isinstance(v, str) and "\n" not in v))
     log.info("== %s: done in %.1fs%s", stage, wall, f" ({counts})" if counts else "")
     return manifest
 

@@ -56,6 +56,9 @@ class Stage:
     """Settings read only in some configurations (the merge search reads evaluation's)."""
     cached: bool = True
     """False: always runs (serving is an action, not an artifact)."""
+    engine: Optional[str] = None
+    """Config section of the vLLM engines the stage starts (e.g. `teacher.engine`): an engine that
+    refuses to start is reported in one line naming the setting of that section to change."""
 
     def input_stages(self, cfg: ExperimentConfig) -> list[str]:
         base = list(self.inputs(cfg) if callable(self.inputs) else self.inputs)

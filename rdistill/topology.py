@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
-from rdistill.config import ExperimentConfig, RayConfig, TrainConfig, branch_train_config
+from rdistill.config import EngineConfig, ExperimentConfig, RayConfig, TrainConfig, branch_train_config
 
 log = logging.getLogger("rdistill")
 
@@ -44,29 +44,75 @@ def vllm_ipc_dir() -> tuple[str, bool]:
     return path, True
 
 
+def _repo() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_env(device: Optional[str] = None, engine: Optional[EngineConfig] = None) -> dict[str, str]:
+    """Environment variables a process rdistill starts on the cluster needs: every task and worker
+    imports rdistill (a checkout need not be installed; `ray job submit --working-dir` ships it
+    too, and Ray prepends that path to this one); a vLLM engine on CPUs gets its KV cache size
+    (else vLLM claims 92% of the node's memory and refuses to start next to anything else), and
+    on one machine its IPC sockets go to the folder this run removes. One home for all of it, so
+    a driver that joined a cluster, or was started by `ray job submit`, gives its engines
+    what a local run does."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (_repo(), os.environ.get("PYTHONPATH", "")) if p),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if engine is not None:
+        env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
+        if device == "cpu":
+            kv = engine.cpu_kvcache_gib if engine.cpu_kvcache_gib is not None else \
+                int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1)
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(kv)
+        if os.environ.get("VLLM_RPC_BASE_PATH"):
+            env["VLLM_RPC_BASE_PATH"] = os.environ["VLLM_RPC_BASE_PATH"]
+    return env
+
+
+def runtime_env(device: Optional[str] = None, engine: Optional[EngineConfig] = None) -> dict:
+    """The `runtime_env` option of a task or actor rdistill starts (see `worker_env`). Ray merges
+    it into the job's runtime env key by key, so a job's `--working-dir` and its own env_vars (API
+    keys) stay; a key both set comes from here (config decides; worker_env reads the driver's
+    environment, which a job's env_vars reach, when the config leaves it unset)."""
+    return {"env_vars": worker_env(device, engine)}
+
+
+def _job_env_vars() -> dict:
+    """env_vars of the runtime env `ray job submit` gave this driver (empty otherwise)."""
+    import json
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
 def init_ray(rc: RayConfig) -> dict:
-    """Join a cluster (config address, or RAY_ADDRESS) or start a local one. Idempotent."""
+    """Join a cluster (config address, or RAY_ADDRESS) or start a local one. Idempotent.
+    The driver's own runtime env carries only what Ray Data's and Ray's own tasks need to import
+    rdistill; engines and workers declare theirs where they start (`runtime_env`)."""
     import ray
     if ray.is_initialized():
         return ray.cluster_resources()
     address = rc.address or os.environ.get("RAY_ADDRESS")
-    # Workers must import rdistill even when it is not installed (ray job --working-dir does
-    # ship it; a local cluster started from a checkout needs the path).
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                        "TOKENIZERS_PARALLELISM": "false"}}
     if not address:  # one machine: every engine's sockets go where this process removes them
-        env["env_vars"]["VLLM_RPC_BASE_PATH"] = vllm_ipc_dir()[0]
+        vllm_ipc_dir()
+    # Ray refuses a driver env_var that the submitted job's runtime env sets too: the job's wins.
+    job = _job_env_vars()
+    env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job}}
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=None if "RAY_ADDRESS" in os.environ else env,
-                 log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         n = local_num_cpus(rc)
         log.info("starting a local Ray cluster with %d logical CPUs", n)
         ray.init(address="local", num_cpus=n, include_dashboard=rc.include_dashboard,
                  runtime_env=env, log_to_driver=True)
+    from rdistill.log import capture_worker_output, requiet
+    requiet()
+    capture_worker_output()
     return ray.cluster_resources()
 
 
@@ -105,12 +151,12 @@ def merge_task_options(device: str) -> dict:
     SPREAD: a merge is bound by disk reads and writes, so tasks on every node's disks and
     CPUs beat packing them onto the driver's node (the shards live on a shared path)."""
     return {"num_cpus": 1, "num_gpus": 1 / MERGE_TASKS_PER_GPU if device == "gpu" else 0,
-            "scheduling_strategy": "SPREAD"}
+            "scheduling_strategy": "SPREAD", "runtime_env": runtime_env()}
 
 
 def verify_task_options() -> dict:
     """Ray remote options of one verification batch (the sandbox forks its own processes)."""
-    return {"num_cpus": 1}
+    return {"num_cpus": 1, "runtime_env": runtime_env()}
 
 
 def eval_concurrency(cfg: ExperimentConfig, have: dict[str, Any], n_models: int) -> int:

@@ -1,7 +1,9 @@
-"""The whole method end to end through `jobs/run.py`, as a user runs it: the toy world through real
-vLLM, Ray Data, Ray Train + DeepSpeed, the merge, evaluation and report (smaller than the default
-run so that CI stays short), then a rerun that skips every stage. (That a changed config reruns only that stage and the ones
-after it is tested on the runner itself, in test_pipeline.py.)"""
+"""The whole method end to end, as users run it: `ray job submit --working-dir . -- python jobs/run.py`
+on a `ray start --head` cluster (the session's `ray_head`), the toy world through real vLLM, Ray
+Data, Ray Train + DeepSpeed, the merge, evaluation and report (smaller than the default run so that
+CI stays short), then serving the merge on the cluster and one question to it; then, on this
+machine with a plain `python jobs/run.py`, a rerun that skips every stage. (That a changed config
+reruns only that stage and the ones after it is tested on the runner itself, in test_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, VENV_BIN, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +24,9 @@ pytestmark = pytest.mark.slow
 SMALL = ["toy.n_train=300", "toy.n_dev=20", "toy.n_test=40", "eval.sampling.n=2", "train.max_steps=80",
          "merge.search.candidates=8", "merge.search.first_prompts=10"]
 STAGES = ["toy", "generate", "verify", "train", "merge", "evaluate", "report"]
+# What a finished job must not leave running on the cluster (Ray's idle workers may stay).
+RUN_PROCESSES = ("EngineCore", "vLLMEngineStage", "WarmEngine", "RayTrainWorker", "TrainController",
+                 "ServeReplica", "LLMServer", "ServeController", "ProxyActor")
 
 
 def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -28,12 +34,33 @@ def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_default_pipeline_end_to_end_then_rerun_skips(tmp_path):
+def _ask(port: int, model: str) -> dict:
+    body = json.dumps({"model": model, "max_tokens": 64, "temperature": 0,
+                       "messages": [{"role": "user", "content": "What is 12 + 30?"}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _leftovers(ray_head, wait_s: float = 90) -> list[str]:
+    deadline = time.time() + wait_s
+    while True:
+        left = [c for c in ray_head.processes() if any(k in c for k in RUN_PROCESSES)]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(3)
+
+
+def test_default_pipeline_submitted_to_a_cluster_end_to_end_then_rerun_skips(ray_head, tmp_path):
     run_dir = tmp_path / "run"
+    port = free_port()
     t0 = time.time()
-    p = _run([f"run_dir={run_dir}", *SMALL], timeout=1500)
+    p = ray_head.submit(f"run_dir={run_dir}", *SMALL, f"stages=[{','.join(STAGES)},serve]",
+                        "serve.blocking=false", f"serve.port={port}", "serve.served_name=toy", timeout=1800)
     wall = time.time() - t0
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert "succeeded" in (p.stdout + p.stderr).lower()
     for stage in STAGES:
         m = json.loads((run_dir / stage / "manifest.json").read_text())
         assert m["stage"] == stage and m["wall_time_s"] > 0
@@ -73,6 +100,19 @@ def test_default_pipeline_end_to_end_then_rerun_skips(tmp_path):
     assert any(l.startswith("base (") for l in p.stdout.splitlines())
     assert (run_dir / "report" / "report.md").exists()
     print(f"end-to-end wall time: {wall:.0f}s")
+
+    # the console: rdistill's lines, not the libraries' (the full stream is in the run's logs)
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "Running Dataset" not in p.stdout + p.stderr  # Ray Data's progress blocks
+    assert (run_dir / "logs" / "workers.log").stat().st_size > 0
+
+    # the merge is served on the cluster after the job returned, and answers
+    answer = _ask(port, "toy")
+    assert answer["choices"][0]["message"]["content"] or answer["choices"][0]["message"].get("reasoning_content")
+    subprocess.run([f"{VENV_BIN}/serve", "shutdown", "--address", ray_head.url, "--yes"], env=ray_head.env,
+                   capture_output=True, text=True, timeout=120, check=True)
+    # the run left nothing running: engines, train workers, the serving replicas
+    assert _leftovers(ray_head) == []
 
     # a rerun of the same command skips every stage and still prints the table
     p2 = _run([f"run_dir={run_dir}", *SMALL], timeout=600)

@@ -1,94 +1,35 @@
 """The documented entry point, as users run it: `ray job submit --working-dir . -- python jobs/run.py`
-against a cluster started with `ray start --head` on loopback."""
+against a cluster started with `ray start --head` on loopback (the session's `ray_head`, which the
+end-to-end test in test_e2e.py submits the whole pipeline to as well)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
 pytestmark = pytest.mark.slow
-VENV_BIN = str(Path(sys.executable).parent)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """A head node of our own, stopped by its process group id (never `ray stop`, which would
-    stop every Ray on the machine)."""
-    gcs, dash = _free_port(), _free_port()
-    # Ports of our own for every per-node agent: the defaults (e.g. the dashboard agent's 52365)
-    # are taken by any other Ray on this machine, such as the test session's cluster, and a head
-    # whose agent cannot bind answers every job submission with "No available agent".
-    agents = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-              f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-              f"--ray-client-server-port={_free_port()}"]
-    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ["PATH"], RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
-         "--include-dashboard=true", "--disable-usage-stats", *agents],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(1)
-        yield url, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-
-
-def _submit(url: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", url, "--working-dir", ".", "--",
-           "python", "jobs/run.py", *args]
-    deadline = time.time() + 180  # the dashboard's job agent comes up a little after the dashboard
-    while True:
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in p.stdout + p.stderr or time.time() > deadline:
-            return p
-        time.sleep(2)
-
-
-def test_job_submit_dry_run_and_a_real_stage(ray_head, tmp_path):
-    url, env = ray_head
-    p = _submit(url, env, "dry_run=true", f"run_dir={tmp_path}/dry")
+def test_job_submit_dry_run(ray_head, tmp_path):
+    p = ray_head.submit("dry_run=true", f"run_dir={tmp_path}/dry")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "rdistill plan: run 'toy'" in p.stdout and "[train]" in p.stdout
     assert "cluster at" in p.stdout  # the job's driver saw RAY_ADDRESS and planned against the cluster
 
-    p = _submit(url, env, "stages=[toy]", f"run_dir={tmp_path}/run")
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "succeeded" in (p.stdout + p.stderr).lower()
-    manifest = json.loads((tmp_path / "run" / "toy" / "manifest.json").read_text())
-    assert manifest["stage"] == "toy"
-    for split in ("train", "dev", "test"):
-        assert (tmp_path / "run" / "toy" / "data" / "math" / f"{split}.jsonl").stat().st_size > 0
-    assert (tmp_path / "run" / "toy" / "models" / "teacher" / "config.json").exists()
+
+def test_job_submit_engine_that_cannot_start_is_one_line(ray_head, tmp_path):
+    """An engine asked for more memory than its node has: the job ends in one line naming the
+    setting (not Ray's ActorDiedError), and no traceback reaches the job's console."""
+    p = ray_head.submit(f"run_dir={tmp_path}/run", "stages=[toy,generate]", "toy.n_train=4",
+                        "teacher.engine.cpu_kvcache_gib=1000")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    errors = [l for l in out.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, out[-3000:]
+    assert "1000 GiB KV cache" in errors[0] and "teacher.engine.cpu_kvcache_gib" in errors[0], errors
+    assert "Traceback" not in out and "ActorDiedError" not in out, out[-3000:]
+    # the engine's own traceback is kept, in the run's logs
+    logs = "".join(f.read_text() for f in (tmp_path / "run" / "logs").glob("*.log"))
+    assert "requested memory for kv" in logs
+    assert json.loads((tmp_path / "run" / "toy" / "manifest.json").read_text())["stage"] == "toy"

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from rdistill import pipeline
-from rdistill.config import validated
+from rdistill.config import to_dict, validated
 from rdistill.refs import resolve_model
 from rdistill.rundir import RunDir, write_json_atomic
 from rdistill.toy.model import tiny_test_model
@@ -58,3 +58,21 @@ def test_train_stage_trains_each_branch_concurrently(ray_cluster, tmp_path):
     (a0, a1), (b0, b1) = per["math"]["workers_window"], per["science"]["workers_window"]
     assert max(a0, b0) < min(a1, b1)
     assert not run.work_dir("train").exists()  # checkpoints removed once the stage completed
+
+    # One domain's SFT set changes (and the mixture baseline is asked for): exactly that branch
+    # retrains, the other is reused as it was, and the mixture sees each domain's samples as often
+    # as its branch did.
+    weights = lambda: b"".join(p.read_bytes() for p in sorted((run.stage_dir("train") / "math").glob("*.safetensors")))  # noqa: E731
+    math_bytes = weights()
+    write_sft(verify / "science.jsonl", 16, seed=3, long_every=8)
+    cfg2 = validated({**to_dict(cfg), "train": {**to_dict(cfg.train), "mixture_baseline": True}})
+    res2 = pipeline.run_stage(cfg2, run, "train")["result"]
+    assert res2["trained"] == ["mixture", "science"] and res2["reused"] == ["math"]
+    assert math_bytes and weights() == math_bytes
+    per2 = res2["per_branch"]
+    assert per2["math"]["reused"] and per2["math"]["steps"] == 4 and "reused" not in per2["science"]
+    mix = per2["mixture"]["tokens_per_domain"]
+    for dom in ("math", "science"):
+        own = per2[dom]["tokens_per_domain"][dom]
+        assert abs(mix[dom] - own) <= 0.05 * own, (dom, mix, own)
+        assert per2[dom]["worker_s"] > 0 and per2[dom]["compute_unit"] == "CPU-s"

@@ -42,15 +42,15 @@ def test_reloaded_weights_answer_like_a_fresh_engine(ray_cluster, tmp_path):
     base, teacher = ASSETS / "base", ASSETS / "teacher"
     other = tiny_test_model(tmp_path / "other")  # another tokenizer: another family
     assert family(str(base)) == family(str(teacher)) != family(str(other))
-    with WarmPool(1, "cpu") as pool:
+    with WarmPool(1, "cpu", EngineConfig()) as pool:
         warm = [(j["model"], a, i) for j, a, i in pool.generate(
             [_job(base, GREEDY), _job(teacher, GREEDY), _job(teacher, SAMPLED), _job(other, GREEDY)])]
     hows = [(m, i["how"]) for m, _, i in warm]
     assert hows == [(str(base), "started"), (str(teacher), "reloaded"), (str(teacher), "same"),
                     (str(other), "started")], hows
-    with WarmPool(1, "cpu") as pool:
+    with WarmPool(1, "cpu", EngineConfig()) as pool:
         fresh = [a for _, a, _ in pool.generate([_job(teacher, GREEDY)])][0]
-    with WarmPool(1, "cpu") as pool:
+    with WarmPool(1, "cpu", EngineConfig()) as pool:
         fresh_sampled = [a for _, a, _ in pool.generate([_job(teacher, SAMPLED)])][0]
     text = lambda answers: [a["completion"] for a in sorted(answers, key=lambda a: int(a["id"]))]  # noqa: E731
     assert text(warm[1][1]) == text(fresh)               # greedy: exactly

@@ -48,6 +48,8 @@ def main(argv: list[str]) -> int:
             print_plan(cfg)
             return 0
         log_file = log_to_file(cfg.run_dir)
+        from rdistill.log import quiet_console
+        quiet_console(cfg.verbose)
         return run(cfg, log, log_file)
     except KeyboardInterrupt:
         log.info("interrupted; rerun the same command to resume where it stopped")

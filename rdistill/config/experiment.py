@@ -38,6 +38,9 @@ class ExperimentConfig:
     """Stages to rerun even when their manifest matches."""
     dry_run: bool = False
     """Validate the config and print the plan (stages, models, resources) without starting work."""
+    verbose: bool = False
+    """Print every library's and Ray worker's output on the console too (false: the console has
+    rdistill's lines and real errors; the full stream is in <run_dir>/logs/)."""
     device: str = spec("cpu", choices=["cpu", "gpu"])
     """Where engines and training run; cpu uses CPU placement bundles and vLLM's CPU backend."""
     seed: int = 42

@@ -45,6 +45,11 @@ class EngineConfig:
     """GPUs per pipeline stage (vLLM tensor parallel degree); CPU engines use 1."""
     pipeline_parallel_size: int = spec(1, ge=1)
     """Pipeline stages (vLLM pipeline parallel degree)."""
+    cpu_kvcache_gib: Optional[int] = spec(None, ge=1)
+    """KV cache of a CPU engine in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE, set in the engine's own
+    runtime env wherever it runs). None: the driver's VLLM_CPU_KVCACHE_SPACE (a job's
+    `--runtime-env-json` env_vars reach it), else 1. GPU engines size their cache with
+    engine_kwargs.gpu_memory_utilization instead."""
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)
     """Extra vLLM engine arguments, passed through unchanged (e.g. max_num_seqs)."""
 

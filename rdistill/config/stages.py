@@ -90,9 +90,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     epochs: float = spec(1.0, gt=0)
-    """Passes over the SFT set."""
+    """A branch's budget: passes over its own SFT set (packed rows), the same meaning for every
+    domain whatever its sample lengths."""
     max_steps: Optional[int] = spec(None, gt=0)
-    """Stop after this many optimizer steps (None: epochs decide)."""
+    """Stop after this many optimizer steps (None: epochs decide); an override, e.g. for tests."""
     lr: float = spec(1e-5, gt=0)
     """Peak learning rate."""
     warmup_ratio: float = spec(0.1, ge=0.0, le=1.0)
@@ -149,9 +150,9 @@ class TrainConfig:
     seed: int = 42
     """Seed of data order and initialisation."""
     mixture_baseline: bool = False
-    """Also train one student on the union of every domain's SFT set, with as many optimizer
-    steps as the branches take together (the `mixture` row of the table): the baseline that
-    answers whether Branch-Merge beats simply training on everything."""
+    """Also train one student on the union of every domain's SFT set, seeing each domain's samples
+    as often as that domain's branch does (the same tokens per domain; the `mixture` row of the
+    table): the baseline that answers whether Branch-Merge beats simply training on everything."""
 
 
 @dataclass

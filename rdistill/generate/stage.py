@@ -263,6 +263,6 @@ def _generate(ctx, live: list[str], stats: dict, result: dict) -> dict:
 
 # The teacher answers the train prompts (or its traces are imported, counted with the student's
 # tokenizer); evaluation-side domain settings are not read here.
-STAGE = Stage("generate", run, reads=("teacher", "generate", "student"),
+STAGE = Stage("generate", run, reads=("teacher", "generate", "student"), engine="teacher.engine",
               domains_ignored=("dev", "test", "extra_test", "eval_samples", "require_correct",
                                "train_overrides", "language"))

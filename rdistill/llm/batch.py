@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from rdistill.config import ConfigError, SamplingConfig
 from rdistill.prompts.sources import chat_messages  # noqa: F401  (re-exported for evaluate)
 from rdistill.llm.spec import LLMSpec
-from rdistill.topology import LIGHT_CPU, engine_placement
+from rdistill.topology import LIGHT_CPU, engine_placement, runtime_env
 
 OUT_COLUMNS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens", "error")
 
@@ -136,6 +136,7 @@ def _vllm_processor(spec: LLMSpec):
     cfg = vLLMEngineProcessorConfig(
         model_source=spec.model, engine_kwargs=engine, batch_size=spec.batch_size,
         concurrency=spec.replicas, should_continue_on_error=True, log_engine_metrics=False,
+        runtime_env=runtime_env(spec.device, e),
         placement_group_config=engine_placement(spec.device, e.tensor_parallel_size, e.pipeline_parallel_size),
         chat_template_stage=dict(light), tokenize_stage=dict(light), detokenize_stage=dict(light))
     return build_processor(cfg, preprocess=_preprocess(spec), preprocess_map_kwargs=dict(light),
@@ -155,6 +156,7 @@ def _http_processor(spec: LLMSpec):
         headers={"Authorization": f"Bearer {key}"} if key else None,
         batch_size=spec.batch_size, concurrency=spec.replicas, max_retries=spec.max_retries,
         base_retry_wait_time_in_s=spec.retry_wait_s, session_factory=SessionFactory(spec.timeout_s),
+        runtime_env=runtime_env(),
         http_request_stage={"num_cpus": LIGHT_CPU})
     proc = build_processor(cfg, preprocess=_preprocess(spec), preprocess_map_kwargs={"num_cpus": LIGHT_CPU},
                            postprocess_map_kwargs={"num_cpus": LIGHT_CPU})

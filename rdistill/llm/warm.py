@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -67,9 +66,6 @@ class WarmEngine:
     is of the engine's family and the engine arguments are the same) and answers its rows."""
 
     def __init__(self, cold: bool = False):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # vLLM's per-engine INFO lines would reach the driver's console once per model
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.cold = cold  # a fresh engine for every model (what warm engines are measured against)
         self.kwargs: Optional[dict] = None
         self.llm = None
@@ -135,12 +131,13 @@ class WarmEngine:
         self._stop()
 
 
-def _actor_options(device: str, tp: int) -> dict:
+def _actor_options(device: str, tp: int, engine: EngineConfig) -> dict:
     """One engine per actor: a CPU on CPUs (vLLM's CPU backend), `tp` GPUs on GPUs (vLLM's own
     multiprocessing executor spreads the shards over the GPUs Ray gives the actor); the engines
-    spread over the cluster's nodes."""
+    spread over the cluster's nodes and carry the engine's environment with them."""
+    from rdistill.topology import runtime_env
     return {"num_cpus": 1, "num_gpus": 0 if device == "cpu" else tp, "max_concurrency": 1,
-            "scheduling_strategy": "SPREAD"}
+            "scheduling_strategy": "SPREAD", "runtime_env": runtime_env(device, engine)}
 
 
 class WarmPool:
@@ -150,9 +147,9 @@ class WarmPool:
     jobs of one family run back to back, so an engine starts once per family and reloads
     weights in between, across calls too (a merge search scores rung after rung on it)."""
 
-    def __init__(self, n_engines: int, device: str, tp: int = 1, cold: bool = False):
+    def __init__(self, n_engines: int, device: str, engine: EngineConfig, tp: int = 1, cold: bool = False):
         import ray
-        actor = ray.remote(WarmEngine).options(**_actor_options(device, tp))
+        actor = ray.remote(WarmEngine).options(**_actor_options(device, tp, engine))
         self.engines = [actor.remote(cold) for _ in range(max(1, n_engines))]
         self.starts = 0
 
@@ -185,9 +182,9 @@ class WarmPool:
         self.close()
 
 
-def warm_generate(jobs: list[dict], n_engines: int, device: str, tp: int = 1):
+def warm_generate(jobs: list[dict], n_engines: int, device: str, engine: EngineConfig, tp: int = 1):
     """`WarmPool.generate` on a pool of its own, closed when the jobs are done."""
-    with WarmPool(min(n_engines, max(1, len(jobs))), device, tp) as pool:
+    with WarmPool(min(n_engines, max(1, len(jobs))), device, engine, tp) as pool:
         yield from pool.generate(jobs)
 
 

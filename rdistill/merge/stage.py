@@ -93,4 +93,5 @@ def _search_reads(cfg) -> dict:
                                            for n, d in sorted(cfg.domains.items())}}}
 
 
-STAGE = Stage("merge", run, reads=("merge", "seed", "student"), inputs=("train",), extra=_search_reads)
+STAGE = Stage("merge", run, reads=("merge", "seed", "student"), inputs=("train",), extra=_search_reads,
+              engine="eval.engine")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rdistill.report import inputs, plots
+from rdistill.report.cost import cost_markdown, cost_summary
 from rdistill.report.table import build_table, details_markdown, to_markdown, to_text
 from rdistill.report.verdict import method_verdict, verdict_markdown
 from rdistill.stage_api import Stage
@@ -153,11 +154,12 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
         " ".join(f"{d}: {len(v)} samples." for d, v in lengths.items()) or "(no SFT sets found)", "",
         img("sft_tokens", "completion token lengths of the kept SFT samples"), "",
         "## Branch training", "", img("loss", "branch training loss"), "",
+        "## Cost", "", cost_markdown(run_dir, doms), "",
     ]
     (out / "report.md").write_text("\n".join(md))
     return {"table": text, "rows": len(t.rows), "domains": len(doms), "merged": merged,
             "plots": sorted(k for k, v in pngs.items() if v),
-            "method": verdict.to_dict() if verdict else None}
+            "method": verdict.to_dict() if verdict else None, "cost": cost_summary(run_dir)}
 
 
 def table_from_report(path: str | Path) -> str | None:

@@ -131,10 +131,12 @@ def mixture_line(v: Verdict) -> str:
         return "No data-mixture baseline in this run (train.mixture_baseline=false)."
     d = mm.minus(mx)
     word = "above" if d.z > Z else "below" if d.z < -Z else "within noise of"
-    per = ", ".join(f"{k}: {_pct(x['merged'].value)} vs {_pct(x['mixture'].value)}"
+    per = ", ".join(f"{k}: {_pct(x['merged'].value)} vs {_pct(x['mixture'].value)} "
+                    f"({x['merged'].minus(x['mixture']).z:+.1f} se)"
                     for k, x in v.domains.items() if x.get("mixture"))
-    return (f"Against the data-mixture baseline (one student on all SFT sets, same total steps): the merge's "
-            f"mean {_pct(mm.value)} is {word} the mixture's {_pct(mx.value)} ({d.z:+.1f} se); per domain {per}.")
+    return (f"Against the data-mixture baseline (one student on all SFT sets, each domain's samples seen as "
+            f"often as by its branch): the merge's mean {_pct(mm.value)} is {word} the mixture's "
+            f"{_pct(mx.value)} ({d.z:+.1f} se); per domain {per}. What each side cost: the Cost section.")
 
 
 def verdict_markdown(v: Verdict) -> str:

@@ -99,7 +99,7 @@ def llm_config(spec: ServeSpec):
     """The `ray.serve.llm.LLMConfig` of one served model."""
     from ray.serve.llm import LLMConfig
 
-    from rdistill.topology import engine_placement
+    from rdistill.topology import engine_placement, runtime_env
     e = spec.engine
     engine = dict(dtype=e.dtype, tensor_parallel_size=e.tensor_parallel_size)
     if e.max_model_len:
@@ -109,15 +109,13 @@ def llm_config(spec: ServeSpec):
     if spec.reasoning_parser:
         engine["reasoning_parser"] = spec.reasoning_parser
     engine.update(e.engine_kwargs)
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "TOKENIZERS_PARALLELISM": "false"}
     from rdistill.serve.warmup import WarmLLMServer
     return LLMConfig(
         server_cls=WarmLLMServer,  # a replica takes traffic only after it has generated
         model_loading_config=dict(model_id=spec.served_name, model_source=spec.model),
         engine_kwargs=engine,
         placement_group_config=engine_placement(spec.device, e.tensor_parallel_size),
-        runtime_env={"env_vars": env},
+        runtime_env=runtime_env(spec.device, e),
         deployment_config=dict(autoscaling_config=dict(
             min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
             target_ongoing_requests=spec.target_ongoing_requests)),

@@ -59,4 +59,4 @@ def serve_forever(spec: ServeSpec) -> None:
 
 # An action, not an artifact: serve.model may be a path, an HF id or any reference; the stage
 # resolves it and says which stage to run when it is missing, so no input is required up front.
-STAGE = Stage("serve", run, reads=("serve",), cached=False)
+STAGE = Stage("serve", run, reads=("serve",), cached=False, engine="serve.engine")

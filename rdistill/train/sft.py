@@ -137,7 +137,7 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from rdistill.config import RayConfig
-    from rdistill.topology import init_ray, train_scaling
+    from rdistill.topology import init_ray, runtime_env, train_scaling
     from rdistill.train.loop import HF_DIR, STATE, LoopConfig, train_loop
 
     t0 = time.time()
@@ -156,7 +156,7 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
         snapshots=str(job.storage / f"{name}-snapshots"))}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, scaling_config=ScalingConfig(**train_scaling(device, cfg)),
-        run_config=RunConfig(name=name, storage_path=str(job.storage),
+        run_config=RunConfig(name=name, storage_path=str(job.storage), worker_runtime_env=runtime_env(),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()

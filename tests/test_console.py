@@ -1,0 +1,98 @@
+"""The console carries rdistill's lines; libraries' and Ray workers' output goes to the run log."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import ray.data  # noqa: F401  (sets up its loggers once, as a run does before quiet_console)
+
+from rdistill import log as rlog
+
+
+@pytest.fixture
+def run_log(capsys, tmp_path, monkeypatch):
+    """A run log as the command line sets one up, undone afterwards (loggers are process-wide)."""
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    saved = {n: (lg.handlers[:], lg.propagate) for n, lg in logging.Logger.manager.loggerDict.items()
+             if isinstance(lg, logging.Logger)}
+    root_handlers = logging.getLogger().handlers[:]
+    rlog_handlers = rlog.log.handlers[:]
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
+    monkeypatch.setattr(dispatcher, "handlers", dispatcher.handlers[:])
+    monkeypatch.setattr(rlog, "_quiet", False)
+    monkeypatch.setattr(rlog, "_log_file", None)
+    monkeypatch.setattr(rlog, "_file_handler", None)
+    path = rlog.log_to_file(str(tmp_path))
+    console = io.StringIO()  # what rdistill's own console handler writes
+    rlog.log.addHandler(logging.StreamHandler(console))
+    yield tmp_path / "logs", path, console
+    for n, (hs, prop) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:] = hs
+        lg.propagate = prop
+    logging.getLogger().handlers[:] = root_handlers
+    rlog.log.handlers[:] = rlog_handlers
+    logging.captureWarnings(False)
+
+
+def test_library_loggers_go_to_the_run_log_not_the_console(run_log, capsys):
+    logs, path, console = run_log
+    chatty = logging.getLogger("some.library")
+    chatty.addHandler(logging.StreamHandler())  # a library's own console handler (stderr)
+    chatty.propagate = False
+    rlog.quiet_console(verbose=False)
+    chatty.warning("library chatter")
+    rlog.log.info("our own line")
+    assert "library chatter" not in capsys.readouterr().err and "our own line" in console.getvalue()
+    text = open(path).read()
+    assert "library chatter" in text and "our own line" in text
+    # Ray and Ray Data were imported and lost their console handlers too
+    for name in ("ray", "ray.data"):
+        assert not [h for h in logging.getLogger(name).handlers if rlog._is_console(h)], name
+
+
+def test_verbose_keeps_the_full_stream(run_log, capsys):
+    chatty = logging.getLogger("another.library")
+    chatty.addHandler(logging.StreamHandler())
+    chatty.propagate = False
+    rlog.quiet_console(verbose=True)
+    chatty.warning("library chatter")
+    assert "library chatter" in capsys.readouterr().err
+
+
+def test_ray_data_progress_block_becomes_one_line(run_log, capsys):
+    console = run_log[2]
+    rlog.quiet_console()
+    lg = logging.getLogger("ray.data._internal.progress.logging_progress")
+    block = ["======= Running Dataset: ds_1 =======", "Total Progress: 30/60 rows", "",
+             "- ReadJSON: 60/60", "  Tasks: 0; Actors: 0", "- Write: 30/60", "  Tasks: 1; Actors: 0", "=" * 38]
+    for _ in range(2):  # the second block within 30 s says nothing
+        for line in block:
+            lg.info(line)
+    out = console.getvalue() + capsys.readouterr().err
+    lines = [l for l in out.splitlines() if "data:" in l]
+    assert len(lines) == 1 and "Total Progress: 30/60 rows; - Write: 30/60" in lines[0], out
+    assert "Running Dataset" not in out
+
+
+def test_worker_output_goes_to_workers_log_and_errors_surface_once(run_log, capsys):
+    logs, _, console = run_log
+    rlog.quiet_console()
+    rlog.capture_worker_output()
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    import ray._private.worker as ray_worker
+    dispatcher.emit({"lines": ["INFO loading weights", "ERROR engine failed to start", "ERROR more detail"],
+                     "pid": 42, "is_err": True, "actor_name": "WarmEngine"})
+    ray_worker.print_to_stdstream({"lines": ["Task f failed. It will be retried."], "pid": "raylet",
+                                   "is_err": False}, ignore_prefix=False)
+    err = console.getvalue() + capsys.readouterr().err
+    surfaced = [l for l in err.splitlines() if l.startswith("worker ")]
+    assert len(surfaced) == 2, err  # one per process and minute: pid 42 once, the raylet once
+    assert "WarmEngine: ERROR engine failed to start" in surfaced[0] and "retried" in surfaced[1]
+    assert "INFO loading weights" not in err
+    text = (logs / "workers.log").read_text()
+    for line in ("INFO loading weights", "ERROR more detail", "It will be retried"):
+        assert line in text
