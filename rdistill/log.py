@@ -84,6 +84,7 @@ def log_file_path() -> str | None:
 
 # ---------------------------------------------------------------- the console: rdistill's lines only
 
+_TRACEBACK = re.compile(r"\s*(?:Error:\s*)?Traceback \(most recent call last\):?")
 _NOTABLE = re.compile(r"Traceback \(most recent call last\)|\b(?:ERROR|CRITICAL|OutOfMemoryError|out of memory|"
                       r"OOM|SIGKILL|Killed|died)\b")
 
@@ -152,6 +153,12 @@ class _DataProgress(logging.Handler):
             self.block.append(msg)
 
 
+def _first_line(text: str) -> str:
+    """A worker's message as one console line: its first line, without a traceback's header."""
+    first = (text.strip().splitlines() or [""])[0]
+    return _TRACEBACK.split(first)[0].strip()[:300]
+
+
 def requiet() -> None:
     """`quiet_console` again if the command line turned it on (after imports that set up loggers)."""
     if _quiet:
@@ -180,7 +187,7 @@ def capture_worker_output() -> None:
                 now = time.monotonic()
                 if now - told.get(data.get("pid"), -1e9) >= 60:
                     told[data.get("pid")] = now
-                    log.warning("worker %s: %s (more in %s)", who, line.strip()[:300], path)
+                    log.warning("worker %s: %s (more in %s)", who, _first_line(line), path)
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("rdistill_worker_log")
