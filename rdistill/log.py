@@ -130,6 +130,9 @@ def _is_console(h: logging.Handler) -> bool:
     return not isinstance(getattr(h, "stream", None), io.StringIO)
 
 
+_OP = re.compile(r"^-?\s*(?P<name>[^:]+):\s*(?P<done>\d+)/(?P<total>\d+|\?)")
+
+
 class _DataProgress(logging.Handler):
     """Ray Data's progress block without a terminal (15 lines every 10 s) as one rdistill line
     every 30 s: its overall line and its last operator's (the write or the final map)."""
@@ -144,11 +147,13 @@ class _DataProgress(logging.Handler):
             self.block = []
         elif self.block is not None and msg.startswith("====="):
             lines, self.block = self.block, None
-            ops = [l for l in lines[1:] if ":" in l and not l.startswith("Tasks:")]
+            ops = [m for m in map(_OP.match, lines[1:]) if m]
+            # the furthest operator that rows have reached: how far the pipeline's output is
+            reached = [m for m in ops if m["done"] != "0"] or ops[:1]
             now = time.monotonic()
             if lines and now - self.last >= self.every_s:
                 self.last = now
-                log.info("  data: %s%s", lines[0], f"; {ops[-1]}" if ops else "")
+                log.info("  data: %s%s", lines[0], f"; {reached[-1][0].lstrip('- ')}" if reached else "")
         elif self.block is not None and msg:
             self.block.append(msg)
 

@@ -74,7 +74,7 @@ def test_ray_data_progress_block_becomes_one_line(run_log, capsys):
             lg.info(line)
     out = console.getvalue() + capsys.readouterr().err
     lines = [l for l in out.splitlines() if "data:" in l]
-    assert len(lines) == 1 and "Total Progress: 30/60 rows; - Write: 30/60" in lines[0], out
+    assert len(lines) == 1 and "Total Progress: 30/60 rows; Write: 30/60" in lines[0], out
     assert "Running Dataset" not in out
 
 
