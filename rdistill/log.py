@@ -183,16 +183,28 @@ def capture_worker_output() -> None:
     path = os.path.join(os.path.dirname(_log_file), "workers.log")
     out = open(path, "a", buffering=1, errors="replace")
     told: dict = {}
+    in_traceback: set = set()  # processes printing a traceback: its exception line is the one to show
 
     def handle(data: dict) -> None:
-        who = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
+        pid = data.get("pid")
+        who = data.get("actor_name") or data.get("task_name") or f"pid={pid}"
         for line in data.get("lines", []):
-            out.write(f"({who} pid={data.get('pid')}) {line}\n")
-            if _NOTABLE.search(line) or "retried" in line:
-                now = time.monotonic()
-                if now - told.get(data.get("pid"), -1e9) >= 60:
-                    told[data.get("pid")] = now
-                    log.warning("worker %s: %s (more in %s)", who, _first_line(line), path)
+            out.write(f"({who} pid={pid}) {line}\n")
+            first = _first_line(line)
+            if not first:  # a bare traceback header: wait for the exception line under it
+                if _TRACEBACK.match(line.strip()):
+                    in_traceback.add(pid)
+                continue
+            if pid in in_traceback:
+                if line[:1].isspace():
+                    continue
+                in_traceback.discard(pid)
+            elif not (_NOTABLE.search(line) or "retried" in line):
+                continue
+            now = time.monotonic()
+            if now - told.get(pid, -1e9) >= 60:
+                told[pid] = now
+                log.warning("worker %s: %s (more in %s)", who, first, path)
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("rdistill_worker_log")

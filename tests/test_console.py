@@ -86,13 +86,17 @@ def test_worker_output_goes_to_workers_log_and_errors_surface_once(run_log, caps
     import ray._private.worker as ray_worker
     dispatcher.emit({"lines": ["INFO loading weights", "ERROR engine failed to start", "ERROR more detail"],
                      "pid": 42, "is_err": True, "actor_name": "WarmEngine"})
+    dispatcher.emit({"lines": ["Exception in thread Monitor:", "Traceback (most recent call last):",
+                               '  File "t.py", line 3, in run', "    self.go()", "RuntimeError: state API down"],
+                     "pid": 43, "is_err": True, "actor_name": "Cleaner"})
     ray_worker.print_to_stdstream({"lines": ["Task f failed. It will be retried. Error: Traceback (most recent "
                                              "call last):\n  File 'x.py', line 1\nValueError: no"],
                                    "pid": "raylet", "is_err": False}, ignore_prefix=False)
     err = console.getvalue() + capsys.readouterr().err
     surfaced = [l for l in err.splitlines() if l.startswith("worker ")]
-    assert len(surfaced) == 2, err  # one per process and minute: pid 42 once, the raylet once
-    assert "WarmEngine: ERROR engine failed to start" in surfaced[0] and "retried" in surfaced[1]
+    assert len(surfaced) == 3, err  # one per process and minute: pid 42, pid 43 and the raylet once each
+    assert "WarmEngine: ERROR engine failed to start" in surfaced[0] and "retried" in surfaced[2]
+    assert "Cleaner: RuntimeError: state API down" in surfaced[1]
     assert "INFO loading weights" not in err and "Traceback" not in err and "x.py" not in err
     text = (logs / "workers.log").read_text()
     for line in ("INFO loading weights", "ERROR more detail", "It will be retried"):
