@@ -77,6 +77,11 @@ def status(cfg: ExperimentConfig, run: RunDir) -> dict[str, str]:
     return out
 
 
+def stages_to_run(cfg: ExperimentConfig, run: RunDir) -> list[str]:
+    """The selected stages that are not current (what preflight checks and estimates)."""
+    return [s for s, why in status(cfg, run).items() if why != "current"]
+
+
 def run_stage(cfg: ExperimentConfig, run: RunDir, stage: str) -> dict:
     """Run one stage now (no skip check) and write its manifest; returns the manifest."""
     inputs = _inputs(cfg, run, stage)
@@ -124,10 +129,13 @@ def run_pipeline(cfg: ExperimentConfig) -> dict[str, str]:
     """Run the selected stages in order; returns what happened to each (ran / skipped)."""
     run = RunDir(cfg.run_dir)
     from rdistill.preflight import run_preflight
-    run_preflight(cfg, run, [s for s, why in status(cfg, run).items() if why != "current"])
+    run_preflight(cfg, run, stages_to_run(cfg, run))
     write_json_atomic(run.root / "config.json", to_dict(cfg))
-    from rdistill.topology import init_ray
+    from rdistill.topology import init_ray, joins_cluster
     init_ray(cfg.ray)  # after preflight: a bad setup fails in seconds, before Ray starts
+    if joins_cluster(cfg.ray):  # a run_dir on a disk only the driver's node has: one line, before any stage
+        from rdistill.outputs import check_nodes_see
+        check_nodes_see(run.root)
     done: dict[str, str] = {}
     with tracking.pipeline_run(cfg, run):  # the parent run; skipped stages log nothing
         for stage in cfg.stages:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from rdistill.config import ExperimentConfig
@@ -19,18 +17,20 @@ class PreflightError(ConfigError):
     """A preflight check failed; the message says what and how to fix it."""
 
 
-def check_run_dir(run: RunDir, need_bytes: float = 0.0) -> None:
-    """The run directory can be created, written and has room for the run's artifacts."""
-    try:
-        run.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run.root, prefix=".preflight-"):
-            pass
-    except OSError as e:
-        raise PreflightError(f"run_dir {run.root} is not writable ({e.strerror}): pick another run_dir") from None
-    free = shutil.disk_usage(run.root).free
-    if need_bytes > free:
-        raise PreflightError(f"run_dir {run.root} has {free / 1e9:.1f} GB free but the run needs about "
-                             f"{need_bytes / 1e9:.1f} GB: free space or point run_dir at a larger disk")
+def disk_need(cfg: ExperimentConfig, to_run: list[str]) -> float:
+    """Bytes of artifacts the stages about to run write (the dry run's estimate): generate and train
+    write the bulk; the others' outputs are small next to them."""
+    if "generate" not in to_run and "train" not in to_run:
+        return 0.0
+    from rdistill.estimates import disk_bytes
+    return disk_bytes(cfg)
+
+
+def check_run_dir(cfg: ExperimentConfig, need_bytes: float = 0.0) -> None:
+    """The run directory and the other output folders (a local tracking store) can be created and
+    written, and the run directory has room for the run's artifacts (rdistill.outputs)."""
+    from rdistill.outputs import check_outputs
+    check_outputs(cfg, need_bytes)
 
 
 def check_student_tokenizer(path: str, train_chat_template: str | None = None) -> None:
@@ -155,8 +155,7 @@ def check_data_sources(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) ->
 def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None:
     """The checks that apply to the stages about to run; models and sources a stage of this run
     is about to make (refs.producing_stage) are checked by that stage, not here."""
-    from rdistill.estimates import disk_bytes
-    check_run_dir(run, disk_bytes(cfg) if "generate" in to_run or "train" in to_run else 0.0)
+    check_run_dir(cfg, disk_need(cfg, to_run))  # first: every run writes there before anything else
     from rdistill.tracking import check_tracking
     check_tracking(cfg)  # only with tracking.required=true: the server answers, the credentials work
     from rdistill.refs import producing_stage

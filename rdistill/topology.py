@@ -116,6 +116,18 @@ def init_ray(rc: RayConfig) -> dict:
     return ray.cluster_resources()
 
 
+def joins_cluster(rc: RayConfig) -> bool:
+    """Whether init_ray joins an existing cluster (whose nodes may not share this one's disks)."""
+    return bool(rc.address or os.environ.get("RAY_ADDRESS")) and rc.address != "local"
+
+
+def pinned_to_node(node_id: str) -> dict:
+    """Options of a zero-CPU task that must run on one given node (per-node preflight checks)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return {"num_cpus": 0, "max_retries": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+
+
 def engine_placement(device: str, tp: int = 1, pp: int = 1) -> dict:
     """Placement bundles of one vLLM engine replica (Ray Data LLM, Serve LLM).
     Without explicit CPU bundles the engine asks for a GPU and waits forever on a CPU machine."""

@@ -43,10 +43,14 @@ def main(argv: list[str]) -> int:
     try:
         from rdistill.cli.compose import load
         cfg = load(argv)
-        from rdistill.dryrun import print_plan
         if cfg.dry_run:
+            from rdistill.dryrun import print_plan
             print_plan(cfg)
             return 0
+        # The output folders first, before the stages' imports, the log file, the watchdog and Ray:
+        # a run_dir that cannot be used is one line within a second and leaves nothing behind.
+        from rdistill.outputs import check_outputs
+        check_outputs(cfg, lambda: _disk_need(cfg))
         log_file = log_to_file(cfg.run_dir)
         from rdistill.log import quiet_console
         quiet_console(cfg.verbose)
@@ -56,6 +60,13 @@ def main(argv: list[str]) -> int:
         return 130
     except BaseException as e:  # noqa: BLE001 (expected failures print one line; bugs keep their traceback)
         return fail(e, log)
+
+
+def _disk_need(cfg) -> float:
+    from rdistill.pipeline import stages_to_run
+    from rdistill.preflight import disk_need
+    from rdistill.rundir import RunDir
+    return disk_need(cfg, stages_to_run(cfg, RunDir(cfg.run_dir)))
 
 
 def run(cfg, log, log_file) -> int:
