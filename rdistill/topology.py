@@ -124,7 +124,7 @@ def joins_cluster(rc: RayConfig) -> bool:
 def pinned_to_node(node_id: str) -> dict:
     """Options of a zero-CPU task that must run on one given node (per-node preflight checks)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    return {"num_cpus": 0, "max_retries": 0,
+    return {"num_cpus": 0, "max_retries": 0, "runtime_env": runtime_env(),
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
 
 
