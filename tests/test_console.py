@@ -101,3 +101,13 @@ def test_worker_output_goes_to_workers_log_and_errors_surface_once(run_log, caps
     text = (logs / "workers.log").read_text()
     for line in ("INFO loading weights", "ERROR more detail", "It will be retried"):
         assert line in text
+
+
+def test_train_progress_line_reads_each_jobs_last_step(tmp_path):
+    import json
+
+    from rdistill.train.progress import TrainProgress
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in (1, 2, 3))
+                                         + '{"step": 4, "lo')  # a line still being written
+    line = TrainProgress({"code": (tmp_path / "code.jsonl", 10), "math": (tmp_path / "none.jsonl", 20)}).line()
+    assert line.startswith("train: code 3/10 loss 0.333; math 0/20 (3/30 steps")

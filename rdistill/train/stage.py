@@ -22,6 +22,7 @@ from rdistill.stage_api import Stage, StageContext
 from rdistill.topology import init_ray
 from rdistill.refs import MIXTURE
 from rdistill.train import budget
+from rdistill.train.progress import TrainProgress
 from rdistill.train.sft import fit_sft, prepare_sft
 
 
@@ -70,7 +71,9 @@ def run(ctx: StageContext) -> dict:
             return None, e
     # Every branch at once: each asks Ray for its workers, so they run side by side when the
     # cluster has room and queue when it does not.
-    outcome = dict(zip(jobs, run_at_most(len(jobs), [lambda j=j: fit(j) for j in jobs.values()], name="branch")))
+    with TrainProgress({d: (j.storage / f"{j.name}-progress.jsonl", j.total_steps) for d, j in jobs.items()}):
+        outcome = dict(zip(jobs, run_at_most(len(jobs), [lambda j=j: fit(j) for j in jobs.values()],
+                                             name="branch")))
     results = {d: r for d, (r, e) in outcome.items() if e is None}
     errors = {d: e for d, (r, e) in outcome.items() if e is not None}
     tail.stop(results)
