@@ -35,31 +35,47 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _task_vectors(xs: list[torch.Tensor], per: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(base, the weighted task vectors), in the working dtype."""
-    dt = _work_dtype(xs[0])
-    base = xs[0].to(dt)
-    taus = []
-    for x, p in zip(xs[1:], per):
-        tau = x.to(dt) - base
-        if p["weight"] != 1:
-            tau = tau * p["weight"]
-        taus.append(tau)
-    return base, taus
+class TaskVectors:
+    """The weighted task vectors w_i (X_i - B) of one tensor in the working dtype, each made when
+    asked for and dropped after use: a merge holds a few float32 copies of the matrix, not T + 1
+    (Iso-CTS asks for each twice; a subtraction is cheap next to an SVD)."""
 
+    def __init__(self, xs: list[torch.Tensor], per: list[dict]):
+        self.xs, self.per, self.dtype = xs, per, _work_dtype(xs[0])
+        self.shape = tuple(xs[0].shape)
 
-def _mean(taus: list[torch.Tensor]) -> torch.Tensor:
-    """fusion-bench's running mean of the non-matrix tensors (its order of operations)."""
-    out = taus[0].clone()
-    for i, tau in enumerate(taus[1:], start=1):
-        out += (tau - out) / (i + 1)
-    return out
+    def __len__(self) -> int:
+        return len(self.per)
 
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self.per):
+            raise IndexError(i)
+        tau = self.xs[i + 1].to(self.dtype) - self.xs[0].to(self.dtype)
+        w = self.per[i]["weight"]
+        return tau.mul_(w) if w != 1 else tau
 
-def _finish(base: torch.Tensor, merged: torch.Tensor, lam: float, dtype: torch.dtype) -> torch.Tensor:
-    if lam != 1:
-        merged = merged * lam
-    return (base + merged).to(dtype)
+    def zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.xs[0].device)
+
+    def total(self) -> torch.Tensor:
+        """sum_i tau_i, in order (fusion-bench's Python sum)."""
+        out = self[0]
+        for i in range(1, len(self)):
+            out += self[i]
+        return out
+
+    def mean(self) -> torch.Tensor:
+        """fusion-bench's running mean (its order of operations), for the non-matrix tensors."""
+        out = self[0]
+        for i in range(1, len(self)):
+            out += (self[i] - out) / (i + 1)
+        return out
+
+    def finish(self, merged: torch.Tensor, lam: float) -> torch.Tensor:
+        """B + lambda * merged, in the inputs' dtype."""
+        if lam != 1:
+            merged = merged * lam
+        return (self.xs[0].to(self.dtype) + merged).to(self.xs[0].dtype)
 
 
 def _orthogonal(a: torch.Tensor) -> torch.Tensor:
@@ -85,15 +101,13 @@ def iso_cts_sizes(shape: tuple, n_models: int, fraction: float) -> tuple[int, in
     return common, int((rank - common) / n_models)
 
 
-def _tsv_matrix(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
-    k = tsv_rank(tuple(taus[0].shape), len(taus), fraction)
-    m, n = taus[0].shape
+def _tsv_matrix(taus: TaskVectors, fraction: float) -> torch.Tensor:
+    k = tsv_rank(taus.shape, len(taus), fraction)
+    m, n = taus.shape
     r = min(m, n)
-    sum_u = taus[0].new_zeros((m, r))
-    sum_s = taus[0].new_zeros((r,))
-    sum_vh = taus[0].new_zeros((r, n))
-    for i, tau in enumerate(taus):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    sum_u, sum_s, sum_vh = taus.zeros(m, r), taus.zeros(r), taus.zeros(r, n)
+    for i in range(len(taus)):
+        u, s, vh = torch.linalg.svd(taus[i], full_matrices=False)
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k, :] = vh[:k, :]
@@ -103,11 +117,8 @@ def _tsv_matrix(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
     return (_orthogonal(sum_u) * sum_s) @ _orthogonal(sum_vh)
 
 
-def _iso_c_matrix(taus: list[torch.Tensor]) -> torch.Tensor:
-    total = taus[0].clone()
-    for tau in taus[1:]:
-        total += tau
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+def _iso_c_matrix(taus: TaskVectors) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(taus.total(), full_matrices=False)
     return (u * s.mean()) @ vh
 
 
@@ -134,21 +145,16 @@ def _project_out(cu: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _iso_cts_matrix(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
-    m, n = taus[0].shape
+def _iso_cts_matrix(taus: TaskVectors, fraction: float) -> torch.Tensor:
+    m, n = taus.shape
     r = min(m, n)
     common, k = iso_cts_sizes((m, n), len(taus), fraction)
-    total = taus[0].clone()
-    for tau in taus[1:]:
-        total += tau
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = torch.linalg.svd(taus.total(), full_matrices=False)
     cu, cs, cvh = u[:, :common], s[:common], vh[:common, :]
-    del total, u, s, vh
-    all_u = taus[0].new_zeros((m, r))
-    all_s = taus[0].new_zeros((r,))
-    all_vh = taus[0].new_zeros((r, n))
-    for i, tau in enumerate(taus):
-        outside = _project_out(cu, tau)
+    del u, s, vh
+    all_u, all_s, all_vh = taus.zeros(m, r), taus.zeros(r), taus.zeros(r, n)
+    for i in range(len(taus)):
+        outside = _project_out(cu, taus[i])
         u, s, vh = torch.linalg.svd(outside, full_matrices=False)
         all_u[:, i * k:(i + 1) * k] = u[:, :k]
         all_s[i * k:(i + 1) * k] = s[:k]
@@ -162,24 +168,22 @@ def _iso_cts_matrix(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
 
 
 def tsv_m(xs, shared, per, gens, name):
-    base, taus = _task_vectors(xs, per)
-    merged = _tsv_matrix(taus, shared["rank_fraction"]) if base.dim() == 2 else _mean(taus)
-    return _finish(base, merged, shared["lambda"], xs[0].dtype)
+    taus = TaskVectors(xs, per)
+    merged = _tsv_matrix(taus, shared["rank_fraction"]) if len(taus.shape) == 2 else taus.mean()
+    return taus.finish(merged, shared["lambda"])
 
 
 def iso_c(xs, shared, per, gens, name):
-    base, taus = _task_vectors(xs, per)
-    if base.dim() == 2:
-        merged = _iso_c_matrix(taus)
-    else:  # fusion-bench: sum(tvs) / T
-        merged = sum(taus) / len(taus)
-    return _finish(base, merged, shared["lambda"], xs[0].dtype)
+    taus = TaskVectors(xs, per)
+    # not a matrix: fusion-bench's sum(tvs) / T
+    merged = _iso_c_matrix(taus) if len(taus.shape) == 2 else taus.total() / len(taus)
+    return taus.finish(merged, shared["lambda"])
 
 
 def iso_cts(xs, shared, per, gens, name):
-    base, taus = _task_vectors(xs, per)
-    merged = _iso_cts_matrix(taus, shared["common_space_fraction"]) if base.dim() == 2 else _mean(taus)
-    return _finish(base, merged, shared["lambda"], xs[0].dtype)
+    taus = TaskVectors(xs, per)
+    merged = _iso_cts_matrix(taus, shared["common_space_fraction"]) if len(taus.shape) == 2 else taus.mean()
+    return taus.finish(merged, shared["lambda"])
 
 
 # ---------------------------------------------------------------- checks before any work
