@@ -20,7 +20,6 @@ from rdistill.merge.methods import METHODS, merge_tensor
 from test_merge_fixtures import make_variants
 
 REPO = Path(__file__).resolve().parent.parent
-DIFFS: dict[str, float] = {}
 SHAPES = {"tall": (40, 12), "wide": (9, 33), "square": (16, 16), "tiny": (2, 7), "norm": (12,), "bias": (9,)}
 
 
@@ -101,7 +100,6 @@ def test_spectral_merges_equal_fusion_bench(oracle, case):
     ours, theirs, base = load_file(ours_f), load_file(theirs_f), load_file(base_f)
     assert ours.keys() == theirs.keys() == base.keys()
     err = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
-    DIFFS[case] = err
     print(f"\nparity {case}: max |rdistill - fusion-bench| = {err:.3g}")
     assert err <= TOLERANCE.get(case, 1e-5)
     for k, b in base.items():
@@ -278,8 +276,3 @@ def test_search_config_refuses_a_bad_common_space_fraction():
     with pytest.raises(ConfigError, match=r"common_space_fractions=\[0.8, 1.2\] is invalid"):
         check(MergeSearchConfig(common_space_fractions=[0.8, 1.2]))
 
-
-def test_zz_print_spectral_parity():
-    """The largest difference from fusion-bench per case (kept in the report)."""
-    for case, err in DIFFS.items():
-        print(f"{case:24s} max|rdistill - fusion-bench| = {err:.3g}")
