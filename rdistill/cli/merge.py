@@ -1,6 +1,6 @@
 """Drop-in for `mergekit-yaml CONFIG.yml OUT_DIR`: the same YAML, merged by rdistill's streaming
 Ray tasks (methods: arcee_fusion, ties, dare_ties, dare_linear, task_arithmetic, linear, slerp,
-model_stock).
+model_stock, and the spectral tsv_m, iso_c, iso_cts).
 
     rdistill merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
                          [--unsafe-truncate-embeddings] [--num-tasks N] [--cuda]

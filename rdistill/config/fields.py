@@ -20,6 +20,7 @@ ENGINE_DTYPES = DTYPES + ["auto"]
 MERGE_METHODS = ["arcee_fusion", "ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp",
                  "model_stock"]
 """Merge methods, mergekit's names (rdistill.merge.methods.METHODS implements exactly these)."""
+MERGE_METHODS += ["tsv_m", "iso_c", "iso_cts"]  # data-free spectral merges (rdistill/merge/spectral.py)
 
 
 def shared_fields(source: Any, target_cls: type, **given: Any) -> Any:

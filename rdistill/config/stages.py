@@ -198,6 +198,7 @@ class MergeCandidateConfig:
 
 
 SEARCH_METHODS = ["task_arithmetic", "ties", "dare_ties", "arcee_fusion", "linear", "model_stock"]
+SEARCH_METHODS += ["tsv_m", "iso_c", "iso_cts"]  # the spectral merges (rdistill/merge/spectral.py)
 SEARCH_CANDIDATE = "search"  # the search's chosen merge: merge/search/final, merge:search
 
 
@@ -208,14 +209,19 @@ class MergeSearchConfig:
     methods: List[str] = spec(default_factory=lambda: list(SEARCH_METHODS), choices=SEARCH_METHODS)
     """Methods searched: arcee_fusion means Fusion chains in every order of the branches."""
     weights: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0])
-    """Values each branch's weight is drawn from (task_arithmetic, ties, dare_ties)."""
+    """Values each branch's weight is drawn from (task_arithmetic, ties, dare_ties, and the spectral
+    tsv_m, iso_c, iso_cts, whose weights scale each branch's task vector)."""
     densities: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     """Values the kept share is drawn from (ties, dare_ties)."""
     lambdas: List[float] = field(default_factory=lambda: [1.0])
-    """Values the scaling of the summed task vectors is drawn from (ties, dare_ties)."""
+    """Values the scaling of the merged task vector is drawn from (ties, dare_ties, tsv_m, iso_c,
+    iso_cts)."""
+    common_space_fractions: List[float] = field(default_factory=lambda: [0.8])
+    """Values Iso-CTS's common-space share of each layer's rank is drawn from (iso_cts; 0.8 is the
+    paper's)."""
     candidates: int = spec(24, gt=0)
-    """Budget in candidates: every Fusion order, linear and model_stock, then seeded draws of the
-    weighted methods up to this many."""
+    """Budget in candidates: every Fusion order, linear, model_stock and the spectral merges at
+    their papers' settings, then seeded draws of the weighted and spectral methods up to this many."""
     first_prompts: int = spec(10, gt=0)
     """Dev prompts per domain every candidate is scored on (successive halving's first rung);
     each later rung scores the best 1/eta of the candidates on eta times as many, up to the
@@ -234,6 +240,12 @@ class MergeSearchConfig:
     few points apart: on the toy's 80 dev prompts it rarely can."""
     seed: int = 0
     """Seed of the candidate draws."""
+
+    def validate(self, prefix: str) -> None:
+        bad = [f for f in self.common_space_fractions if not 0 <= f <= 1]
+        if bad or not self.common_space_fractions:
+            fail(prefix + "common_space_fractions", list(self.common_space_fractions),
+                 "list shares of a layer's rank in [0, 1], e.g. [0.8]")
 
 
 @dataclass

@@ -25,7 +25,8 @@ from typing import Callable, Optional
 from rdistill.errors import RdistillError
 from rdistill.parallel import run_at_most
 from rdistill.merge.inputs import InputModel, check_inputs, load_input
-from rdistill.merge.plan import MergeStep, tensor_parameters
+from rdistill.merge.methods import METHODS
+from rdistill.merge.plan import MergeStep, PlanError, tensor_parameters
 from rdistill.merge.st_io import (InputError, OutTensor, TensorLoc, create_shards, layout_shards,
                                   write_index)
 from rdistill.merge.work import FLOAT_RANK, Unit, UnitTensor, compute_dtype, merge_unit, row_blocks
@@ -82,7 +83,9 @@ def _out_dtype(step: MergeStep, locs: list[TensorLoc]) -> str:
 
 
 # Methods whose result at an entry depends only on the inputs at that entry: any block of rows
-# merges on its own (the two-pass methods need a statistic of the whole tensor first).
+# merges on its own (the two-pass methods need a statistic of the whole tensor first). Every
+# other method (model_stock, slerp, the spectral ones, whose SVD needs the whole matrix) merges
+# each tensor whole in one task.
 ELEMENTWISE = {"linear", "task_arithmetic"}
 
 
@@ -253,6 +256,17 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
     order = sorted(donor.tensors, key=lambda n: (donor.tensors[n].file, donor.tensors[n].start))
     specs = [(n, shapes[n], _out_dtype(step, [m.tensors[n] for m in models])) for n in order]
     placed, headers = layout_shards(specs, opts.shard_size)
+    layers = _num_layers(models)
+    check = METHODS[step.merge_method].check
+    items = []
+    for out in placed:
+        locs = [m.tensors[out.name] for m in models]
+        rows = shapes[out.name][0] if any(loc.shape != shapes[out.name] for loc in locs) else None
+        shared, per = tensor_parameters(step, out.name, layers)
+        problem = check and out.dtype in FLOAT_RANK and check(out.name, tuple(shapes[out.name]), shared, per)
+        if problem:  # e.g. a rank larger than the layer: refused before any work
+            raise PlanError(f"{step.name}: {problem}")
+        items.append(UnitTensor(out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -261,13 +275,6 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         _write_config(tmp, donor, placed, vocab)
         checked = _in_background(lambda: check_loads(tmp, placed, str(out_dir))) \
             if opts.check_load and vocab is not None else None
-        layers = _num_layers(models)
-        items = []
-        for out in placed:
-            locs = [m.tensors[out.name] for m in models]
-            rows = shapes[out.name][0] if any(loc.shape != shapes[out.name] for loc in locs) else None
-            shared, per = tensor_parameters(step, out.name, layers)
-            items.append(UnitTensor(out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
         total_in = sum(loc.nbytes for it in items for loc in it.locs)
         if opts.in_process:
             cpus = os.cpu_count() or 1

@@ -12,12 +12,14 @@ merge is reproducible whatever the order in which tasks run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from rdistill.config.fields import MERGE_METHODS
+from rdistill.merge import spectral
 
 QUANTILE_SAMPLE = 1_000_000  # arcee_fusion: quantiles from a 1e6-element sample, as mergekit does
 
@@ -34,6 +36,9 @@ class MethodSpec:
     """Shared parameters and defaults (None: required)."""
     per_model: dict = field(default_factory=dict)
     """Per-model parameters and defaults (None: required)."""
+    check: Optional[Callable[..., Optional[str]]] = None
+    """(tensor name, shape, shared, per) -> why these parameters cannot merge that tensor, else
+    None: the driver asks for every tensor before any work (a rank larger than the layer)."""
 
 
 # ---------------------------------------------------------------- sparsification (TIES, DARE)
@@ -278,6 +283,9 @@ METHODS: dict[str, MethodSpec] = {
     "slerp": MethodSpec(slerp, base="required", min_models=1, max_models=1, shared={"t": None}),
     "model_stock": MethodSpec(model_stock, base="required", min_models=2, shared={"filter_wise": False}),
     "arcee_fusion": MethodSpec(arcee_fusion, base="required", min_models=1, max_models=1),
+    **{m: MethodSpec(getattr(spectral, m), base="required", shared={"lambda": 1.0, **extra}, per_model={"weight": 1.0},
+                     check=partial(spectral.check, m))  # spectral.py: TSV-M, Iso-C, Iso-CTS
+       for m, extra in [("tsv_m", {"rank_fraction": 0.0}), ("iso_c", {}), ("iso_cts", {"common_space_fraction": 0.8})]},
 }
 # The registry implements exactly the methods the configs allow (one list: config.fields).
 assert sorted(METHODS) == sorted(MERGE_METHODS), "merge methods: registry and config disagree"

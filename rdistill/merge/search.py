@@ -2,16 +2,18 @@
 recipes drawn from the configured space, and successive halving over dev prompts.
 
 Candidates: Arcee Fusion chains in every order of the branches (the reference recipe picked one
-order by hand), linear and model_stock, then seeded draws of task arithmetic, TIES and DARE-TIES
-with per-branch weights, densities and a scaling lambda from the configured values, up to the
-budget. Successive halving: every candidate is scored on the first `first_prompts` dev prompts
-of each domain; the best 1/eta go on to eta times as many prompts, and so on until the survivors
-have seen the whole dev split; the best of the last rung is the search's choice. A candidate
+order by hand), linear and model_stock, the spectral merges (TSV-M, Iso-C, Iso-CTS) with their
+papers' settings, then seeded draws of task arithmetic, TIES, DARE-TIES and the spectral merges
+with per-branch weights, densities, a scaling lambda and Iso-CTS's common-space share from the
+configured values, up to the budget. Successive halving: every candidate is scored on the first
+`first_prompts` dev prompts of each domain; the best 1/eta go on to eta times as many prompts,
+and so on until the survivors have seen the whole dev split; the best of the last rung is the
+search's choice. A candidate
 below the student base on any domain (`floor=base`, on the same prompts) is never chosen.
 
-Refinement (`refine_rounds`): when the choice is a weighted method, its neighbours, each with one
-branch's weight one step up or down the configured values, are scored on the whole dev split and
-the best of them and the choice is kept, round after round while a neighbour wins. Merging
+Refinement (`refine_rounds`): when the choice is a weighted or spectral method, its neighbours,
+each with one branch's weight one step up or down the configured values, are scored on the whole
+dev split and the best of them and the choice is kept, round after round while a neighbour wins. Merging
 dilutes each branch's task vector by the others' (task arithmetic adds them all to one base;
 TIES and DARE-TIES divide by the weights' sum), and the domain that loses most of its gain needs
 its branch's share raised, or the others' lowered: on the toy, science keeps 80% of its gain at
@@ -28,6 +30,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from rdistill.config import MergeSearchConfig
+
+WEIGHTED = ("task_arithmetic", "ties", "dare_ties")
+SPECTRAL = ("tsv_m", "iso_c", "iso_cts")
+"""Data-free spectral merges (merge/spectral.py): per-branch weights scale the task vectors."""
 
 
 @dataclass
@@ -80,50 +86,67 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
         add("linear (equal weights)", [_step("final", "linear", None, [(b, {"weight": 1.0}) for b in branches], {})])
     if "model_stock" in sc.methods and len(domains) >= 2:
         add("model_stock", [_step("final", "model_stock", "base", [(b, {}) for b in branches], {})])
-    weighted = [m for m in ("task_arithmetic", "ties", "dare_ties") if m in sc.methods]
+    lam1 = 1.0 if 1.0 in sc.lambdas else sc.lambdas[0]
+    common = 0.8 if 0.8 in sc.common_space_fractions else sc.common_space_fractions[0]
+    for m in (m for m in SPECTRAL if m in sc.methods):  # the papers' settings: equal weights, lambda 1
+        ws = [1.0] * len(domains)
+        add(_label(m, ws, 0.5, lam1, common), _weighted(m, branches, ws, 0.5, lam1, common))
+    weighted = [m for m in WEIGHTED if m in sc.methods]
     for w in sc.weights:  # the uniform settings first: the obvious baselines of each method
         for m in weighted:
             ws = [w] * len(domains)
             dens = 0.5 if 0.5 in sc.densities else sc.densities[0]
             lam = 1.0 if 1.0 in sc.lambdas else sc.lambdas[0]
             add(_label(m, ws, dens, lam), _weighted(m, branches, ws, dens, lam))
+    weighted += [m for m in SPECTRAL if m in sc.methods]
     rng = random.Random(sc.seed)
     tries = 0
     while len(out) < sc.candidates and weighted and tries < 100 * sc.candidates:
         tries += 1
         m = rng.choice(weighted)
         ws = [rng.choice(sc.weights) for _ in domains]
-        dens = rng.choice(sc.densities) if m != "task_arithmetic" else 0.5
+        dens = rng.choice(sc.densities) if m in ("ties", "dare_ties") else 0.5
         lam = rng.choice(sc.lambdas) if m != "task_arithmetic" else 1.0
-        add(_label(m, ws, dens, lam), _weighted(m, branches, ws, dens, lam))
+        frac = rng.choice(sc.common_space_fractions) if m == "iso_cts" else common
+        add(_label(m, ws, dens, lam, frac), _weighted(m, branches, ws, dens, lam, frac))
     return out
 
 
-def _label(method: str, ws: list[float], density: float, lam: float) -> str:
+def _label(method: str, ws: list[float], density: float, lam: float, common: float = 0.8) -> str:
     """The recipe in words, and the key that tells recipes apart: TIES and DARE-TIES normalize
-    by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1)."""
+    by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1); the spectral merges
+    scale with their task vectors, so weights 0.5/0.5/0.5 at lambda 1 are 1/1/1 at lambda 0.5."""
     if method != "task_arithmetic":
         top = max(ws)
         ws = [round(w / top, 3) for w in ws]
+        if method in SPECTRAL:
+            lam = round(lam * top, 3)
     s = f"{method} w=" + "/".join(f"{w:g}" for w in ws)
+    if method in SPECTRAL:
+        return s + f" lambda={lam:g}" + (f" common={common:g}" if method == "iso_cts" else "")
     return s if method == "task_arithmetic" else s + f" density={density:g} lambda={lam:g}"
 
 
-def _weighted(method: str, branches: list[str], ws: list[float], density: float, lam: float) -> list[dict]:
+def _weighted(method: str, branches: list[str], ws: list[float], density: float, lam: float,
+              common: float = 0.8) -> list[dict]:
     if method == "task_arithmetic":
         return [_step("final", method, "base", [(b, {"weight": w}) for b, w in zip(branches, ws)], {})]
+    if method in SPECTRAL:
+        params = {"lambda": lam, **({"common_space_fraction": common} if method == "iso_cts" else {})}
+        return [_step("final", method, "base", [(b, {"weight": w}) for b, w in zip(branches, ws)], params)]
     return [_step("final", method, "base", [(b, {"weight": w, "density": density}) for b, w in zip(branches, ws)],
                   {"lambda": lam, "normalize": True})]
 
 
-def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, float]]:
-    """(method, per-branch weights, density, lambda) of a one-step weighted candidate, else None."""
-    if len(c.steps) != 1 or c.steps[0]["merge_method"] not in ("task_arithmetic", "ties", "dare_ties"):
+def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, float, float]]:
+    """(method, per-branch weights, density, lambda, common-space share) of a one-step weighted
+    or spectral candidate, else None."""
+    if len(c.steps) != 1 or c.steps[0]["merge_method"] not in WEIGHTED + SPECTRAL:
         return None
     s = c.steps[0]
     ps = [m["parameters"] for m in s["models"]]
     return (s["merge_method"], [p["weight"] for p in ps], ps[0].get("density", 0.5),
-            s["parameters"].get("lambda", 1.0))
+            s["parameters"].get("lambda", 1.0), s["parameters"].get("common_space_fraction", 0.8))
 
 
 def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) -> list[Candidate]:
@@ -133,7 +156,7 @@ def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) 
     rec = _weighted_recipe(c)
     if rec is None:
         return []
-    method, ws, dens, lam = rec
+    method, ws, dens, lam, common = rec
     grid = sorted(set(sc.weights))
     branches = [m["model"] for m in c.steps[0]["models"]]
     out = []
@@ -142,11 +165,11 @@ def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) 
         for step in ([up[0]] if up else []) + ([down[-1]] if down else []):
             new = list(ws)
             new[i] = step
-            label = _label(method, new, dens, lam)
+            label = _label(method, new, dens, lam, common)
             if label in seen:
                 continue
             seen.add(label)
-            out.append(Candidate(f"r{start + len(out):02d}", label, _weighted(method, branches, new, dens, lam),
+            out.append(Candidate(f"r{start + len(out):02d}", label, _weighted(method, branches, new, dens, lam, common),
                                  refined_from=c.name))
     return out
 
