@@ -18,16 +18,22 @@ from typing import Callable, Optional
 from rdistill.errors import ResourceError
 
 _GIB = r"([\d.]+)"
+
+
+def _g(number: str) -> str:
+    return f"{float(number):g}"
+
+
 # (pattern of vLLM's root-cause line, the fix; {s} is the engine's config section)
 _CAUSES: list[tuple[re.Pattern, Callable[[re.Match, str], str]]] = [
     (re.compile(rf"Available memory on node \d+ \({_GIB}/{_GIB} GiB\) on kv cache allocation is less than "
                 rf"requested memory for kv \({_GIB} GiB\)"),
-     lambda m, s: f"a vLLM CPU engine asked for a {m[3]} GiB KV cache but its node has {m[1]} of {m[2]} GiB "
-                  f"free: lower {s}.cpu_kvcache_gib (VLLM_CPU_KVCACHE_SPACE) or free memory on the node"),
+     lambda m, s: f"a vLLM CPU engine asked for a {_g(m[3])} GiB KV cache but its node has {_g(m[1])} of "
+                  f"{_g(m[2])} GiB free: lower {s}.cpu_kvcache_gib (VLLM_CPU_KVCACHE_SPACE) or free memory on the node"),
     (re.compile(rf"Available memory on node \d+ \({_GIB}/{_GIB} GiB\) on startup is less than desired CPU "
                 rf"memory utilization \({_GIB}, {_GIB} GiB\)"),
-     lambda m, s: f"a vLLM CPU engine wanted {m[4]} GiB ({m[3]} of the node's memory) but {m[1]} GiB is free: "
-                  f"set {s}.cpu_kvcache_gib (VLLM_CPU_KVCACHE_SPACE, e.g. 1) or lower "
+     lambda m, s: f"a vLLM CPU engine wanted {_g(m[4])} GiB ({m[3]} of the node's memory) but {_g(m[1])} GiB "
+                  f"is free: set {s}.cpu_kvcache_gib (VLLM_CPU_KVCACHE_SPACE, e.g. 1) or lower "
                   f"{s}.engine_kwargs.gpu_memory_utilization"),
     (re.compile(r"Free memory on device.{0,80}is less than desired GPU memory utilization"),
      lambda m, s: f"a vLLM engine's GPU does not have the memory it was told to take: lower "
