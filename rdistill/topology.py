@@ -191,6 +191,17 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
                         + int(cfg.eval.include_teacher))
             p.notes.append(f"{n_models} models on {cfg.eval.concurrency or 'as many as fit'} warm vLLM "
                            f"engine(s) (tp={eval_tensor_parallel(cfg)}), weights reloaded between models")
+        elif stage == "distill":
+            from rdistill.config.distill import distill_train_config
+            tc, dc = distill_train_config(cfg), cfg.distill
+            s = train_scaling(cfg.device, tc)
+            p.resources = _sum(engine_placement(cfg.device, dc.engine.tensor_parallel_size)["bundles"])
+            if cfg.device == "cpu":  # the engine stays up on CPUs; on GPUs it is closed for the update
+                for k, v in _sum([s["resources_per_worker"]], s["num_workers"]).items():
+                    p.resources[k] = p.resources.get(k, 0) + v
+            p.notes.append(f"{dc.rounds} round(s): {dc.prompts_per_domain} prompts x {dc.samples_per_prompt} "
+                           f"samples per domain on a warm vLLM engine, scored by each domain's teacher, then "
+                           f"{tc.num_workers} Ray Train worker(s) (policy gradient, lr={tc.lr})")
         elif stage in ("merge", "verify"):
             p.resources = {"CPU": 1}
             p.notes.append("tasks spread over every free CPU")

@@ -85,11 +85,14 @@ def liger_available() -> bool:
 
 
 def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
-                kernel: str = "chunked") -> torch.Tensor:
+                kernel: str = "chunked", temperature: float = 1.0) -> torch.Tensor:
     """Per-token losses (B, T) of `head` over hidden (B, T, H), 0 at IGNORE targets; kernel
-    'liger' returns their sum only (a 0-d tensor: Liger's gradient assumes a scalar loss)."""
+    'liger' returns their sum only (a 0-d tensor: Liger's gradient assumes a scalar loss).
+    temperature t: the losses of logits / t (the head is linear without bias, so h / t)."""
     if getattr(head, "bias", None) is not None:
         raise ValueError("the chunked loss supports LM heads without bias (set train.loss_chunk_tokens=0)")
+    if temperature != 1.0:
+        hidden = hidden / temperature
     B, T, H = hidden.shape
     h, t = hidden.reshape(B * T, H), targets.reshape(B * T).to(hidden.device)
     if kernel == "liger":
@@ -109,7 +112,7 @@ def _unsupported(config) -> str | None:
 
 
 @contextmanager
-def head_as_loss(model, targets: torch.Tensor, chunk: int, kernel: str = "chunked"):
+def head_as_loss(model, targets: torch.Tensor, chunk: int, kernel: str = "chunked", temperature: float = 1.0):
     """For one call of `model` (an HF causal LM or a DeepSpeed engine around one), its LM head
     returns the loss instead of logits: `out.logits` is then (B, T, 1) per-token losses, or the
     (1, 1, 1) summed loss for Liger."""
@@ -120,7 +123,7 @@ def head_as_loss(model, targets: torch.Tensor, chunk: int, kernel: str = "chunke
     head = hf.get_output_embeddings()
 
     def forward(hidden):
-        out = head_losses(head, hidden, targets, chunk, kernel)
+        out = head_losses(head, hidden, targets, chunk, kernel, temperature)
         return out.view(1, 1, 1) if out.dim() == 0 else out[..., None]
 
     head.forward = forward  # an instance attribute: ZeRO-3's module hooks still fire around it
