@@ -192,7 +192,7 @@ class PackedRows:
                 for dst, src in ((ids, self.ids), (tgt, self.targets), (pos, self.positions)):
                     dst[g, at:at + e - a] = torch.from_numpy(np.asarray(src[a:e], dtype=np.int64))
                 for c, dst in floats.items():
-                    dst[g, at:at + e - a] = torch.from_numpy(np.asarray(self.floats[c][a:e], dtype=np.float32))
+                    dst[g, at:at + e - a] = torch.from_numpy(np.array(self.floats[c][a:e], dtype=np.float32))
                 at += e - a
             pos[g, at:] = torch.arange(T - at)
         return {"input_ids": ids, "position_ids": pos, "targets": tgt, **floats,

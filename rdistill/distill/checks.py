@@ -30,9 +30,6 @@ def _scorable(domain: str, ref: str, path: str, cfg) -> None:
     if ref.startswith(("http://", "https://")):
         raise ConfigError(f"distill.teachers.{domain}={ref}: an endpoint cannot return prompt logprobs of given "
                           f"tokens: use a local model directory (default branch:{domain})")
-    if not (Path(path) / "config.json").exists():
-        raise ConfigError(f"distill.teachers.{domain}={ref}: no model at {path}; the teacher must be a local "
-                          f"model a vLLM engine prefills (run the stage that builds it, or give a path)")
     kw = cfg.distill.engine.engine_kwargs
     if "max_logprobs" in kw and kw["max_logprobs"] is not None and 0 <= int(kw["max_logprobs"]) < 1:
         raise ConfigError(f"distill.engine.engine_kwargs.max_logprobs={kw['max_logprobs']}: the engine could not "
@@ -55,6 +52,10 @@ def check_teachers(cfg, student: str, resolve) -> dict[str, str]:
     paths = {d: resolve(cfg.teacher.model if r == "teacher" else r) for d, r in refs.items()}
     for d, r in refs.items():
         _scorable(d, r, paths[d], cfg)
+    for d, r in refs.items():
+        if not (Path(paths[d]) / "config.json").exists():
+            raise ConfigError(f"distill.teachers.{d}={r}: no model at {paths[d]}; the teacher must be a local "
+                              "model a vLLM engine prefills (run the stage that builds it, or give a path)")
     mine = _vocab(student)
     seen: dict[str, bool] = {}
     for d, p in paths.items():
