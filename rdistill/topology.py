@@ -188,7 +188,7 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             b = engine_placement(cfg.device, eval_tensor_parallel(cfg))["bundles"]
             p.resources = _sum(b)
             n_models = (1 + len(cfg.domains) + int(cfg.train.mixture_baseline) + len(cfg.merge.names())
-                        + int(cfg.eval.include_teacher))
+                        + int(cfg.eval.include_teacher) + int("distill" in cfg.stages))
             p.notes.append(f"{n_models} models on {cfg.eval.concurrency or 'as many as fit'} warm vLLM "
                            f"engine(s) (tp={eval_tensor_parallel(cfg)}), weights reloaded between models")
         elif stage == "distill":
