@@ -54,7 +54,6 @@ def test_self_distillation_changes_nothing_and_a_killed_stage_resumes(ray_cluste
     with pytest.raises(RuntimeError, match="killed in round 2"):
         pipeline.run_stage(cfg, run, "distill")
     first = run.work_dir("distill") / "round-00" / "done.json"
-    stamp = first.stat().st_mtime_ns
     assert run.manifest("distill") is None and not (run.work_dir("distill") / "round-01" / "done.json").exists()
     # one round of a model distilled from itself: advantage 0 on every token, the weights unchanged
     rec = json.loads(first.read_text())
@@ -67,10 +66,11 @@ def test_self_distillation_changes_nothing_and_a_killed_stage_resumes(ray_cluste
         torch.testing.assert_close(after[k], before[k], atol=1e-7, rtol=0)
 
     m = pipeline.run_stage(cfg, run, "distill")  # resumes: round 1 is not sampled or trained again
-    assert calls == [0, 1, 1] and first.stat().st_mtime_ns == stamp
+    assert calls == [0, 1, 1]
     assert m["result"]["rounds"] == 2
     rounds = json.loads((run.stage_dir("distill") / "rounds.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0] == {k: v for k, v in rec.items() if k != "model"}  # the first attempt's round, as it was
     assert all(r["data"]["domains"]["science"]["max_abs_advantage"] == 0.0 for r in rounds)
     final = _weights(run.stage_dir("distill") / "model")
     for k in before:
