@@ -70,14 +70,14 @@ def _batch(model, seed: int, zero: bool = False, T: int = 24):
             "old_logprobs": old}
 
 
-@pytest.mark.parametrize("chunk", [0, 7])
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_policy_gradient_loss_matches_its_formula_on_full_logits(chunk, temperature):
+@pytest.mark.parametrize("chunk,temperature,clip", [(0, 1.0, 0.0), (7, 1.0, 0.0), (7, 0.6, 0.0), (0, 0.6, 0.2),
+                                                    (7, 1.0, 0.2)])
+def test_policy_gradient_loss_matches_its_formula_on_full_logits(chunk, temperature, clip):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(ASSETS / "base", dtype=torch.float32)
     b = _batch(model, 1)
-    loss = policy_gradient_sum(model, b, chunk, temperature)
+    loss = policy_gradient_sum(model, b, chunk, temperature, clip)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -85,7 +85,12 @@ def test_policy_gradient_loss_matches_its_formula_on_full_logits(chunk, temperat
     lp = torch.log_softmax(logits, -1)
     mask = b["targets"] != IGNORE
     tok = lp.gather(-1, b["targets"].clamp(min=0)[..., None])[..., 0]
-    want = -(b["advantages"] * torch.exp(tok - b["old_logprobs"]) * mask).sum()
+    ratio = torch.exp(tok - b["old_logprobs"])
+    gain = b["advantages"] * ratio
+    if clip:
+        gain = torch.minimum(gain, b["advantages"] * ratio.clamp(1 - clip, 1 + clip))
+        assert ((ratio - 1).abs()[mask] > clip).any()  # the case clips some tokens
+    want = -(gain * mask).sum()
     want.backward()
     assert abs(loss.item() - want.item()) < 1e-4 * max(1.0, abs(want.item()))
     for n, p in model.named_parameters():

@@ -15,6 +15,25 @@ DISTILL_TRAIN_FIXED = ("mixture_baseline", "save_steps", "epochs", "max_steps", 
 
 
 @dataclass
+class KDConfig:
+    """Offline logit distillation in SFT: the teacher's top-k logprobs at every loss token of the
+    SFT rows (captured by prefilling the rows' own token ids on a vLLM engine, so they align with
+    the student's tokens exactly; the teacher must share the student's tokenizer) and a top-k KL
+    term added to the cross-entropy."""
+    weight: float = spec(0.0, ge=0.0)
+    """Weight of the KL term (0: off, plain SFT). Loss per token: CE + weight * T^2 *
+    KL(teacher top-k, renormalised || student), DistillKit's form."""
+    temperature: float = spec(1.0, gt=0.0)
+    """Temperature T of both distributions in the KL term."""
+    top_k: int = spec(16, gt=0)
+    """Teacher logprobs kept per token (stored as int32 ids + float16 logprobs: 6 * top_k bytes
+    per token)."""
+    teacher: Optional[str] = None
+    """Model reference of the KD teacher (None: teacher.model, which must then be a local vllm
+    model with the student's tokenizer, as the toy teacher is)."""
+
+
+@dataclass
 class DistillConfig:
     student: str = "merged"
     """Model reference of the student distilled: merged (the run's merge: the evaluate stage's
@@ -43,6 +62,10 @@ class DistillConfig:
     """Most tokens per sampled completion."""
     lr: float = spec(1e-5, gt=0)
     """Learning rate of each round's update."""
+    clip: float = spec(0.2, ge=0.0)
+    """PPO ratio clip of the update (0: the plain importance-weighted policy gradient). Every
+    step of a round learns from the round's snapshot's samples: the clip keeps a token from
+    pulling once the policy moved its probability past 1 +- clip of the snapshot's."""
     steps_per_round: Optional[int] = spec(None, gt=0)
     """Optimizer steps per round (None: one pass over the round's packed rows)."""
     train_overrides: Dict[str, Any] = field(default_factory=lambda: {"weight_decay": 0.0, "warmup_ratio": 0.0,

@@ -25,6 +25,10 @@ from rdistill.data.sft import IGNORE, Tokenized
 
 COLUMNS = ("ids", "targets", "positions")
 FLOAT_COLUMNS = ("advantages", "old_logprobs")
+KD_COLUMNS = ("kd_ids", "kd_logprobs")
+"""Optional (tokens, k) columns of offline logit KD: the teacher's top-k token ids (int32) and
+logprobs (float16) for the token each position predicts (rdistill.train.kd)."""
+KD_PAD_LOGPROB = -1.0e4  # a missing top-k entry: probability 0 after renormalisation
 """Optional per-token float32 columns, aligned with `targets` (the value at a position belongs to
 the token that position predicts; 0 where the target is IGNORE)."""
 
@@ -163,6 +167,8 @@ class PackedRows:
         self.offsets = np.asarray(cols["offsets"])  # 8 bytes per row: small enough to hold
         self.floats = {c: np.load(path / f"{c}.npy", mmap_mode="r") for c in FLOAT_COLUMNS
                        if path.is_dir() and (path / f"{c}.npy").exists()}
+        self.kd = {c: np.load(path / f"{c}.npy", mmap_mode="r") for c in KD_COLUMNS
+                   if path.is_dir() and (path / f"{c}.npy").exists()}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -185,6 +191,10 @@ class PackedRows:
         tgt = torch.full((len(groups), T), IGNORE, dtype=torch.long)
         pos = torch.zeros((len(groups), T), dtype=torch.long)
         floats = {c: torch.zeros((len(groups), T), dtype=torch.float32) for c in self.floats}
+        if self.kd:
+            k = self.kd["kd_ids"].shape[1]
+            floats["kd_ids"] = torch.zeros((len(groups), T, k), dtype=torch.long)
+            floats["kd_logprobs"] = torch.full((len(groups), T, k), KD_PAD_LOGPROB, dtype=torch.float32)
         for g, members in enumerate(groups):
             at = 0
             for b in members:
@@ -192,7 +202,8 @@ class PackedRows:
                 for dst, src in ((ids, self.ids), (tgt, self.targets), (pos, self.positions)):
                     dst[g, at:at + e - a] = torch.from_numpy(np.asarray(src[a:e], dtype=np.int64))
                 for c, dst in floats.items():
-                    dst[g, at:at + e - a] = torch.from_numpy(np.array(self.floats[c][a:e], dtype=np.float32))
+                    src = self.kd[c] if c in KD_COLUMNS else self.floats[c]
+                    dst[g, at:at + e - a] = torch.from_numpy(np.array(src[a:e], dtype=dst.numpy().dtype))
                 at += e - a
             pos[g, at:] = torch.arange(T - at)
         return {"input_ids": ids, "position_ids": pos, "targets": tgt, **floats,

@@ -97,7 +97,7 @@ def _update(student: str, rows_dir: Path, out: Path, cfg, storage: Path, r: int)
     from rdistill.train.sft import fit_sft, prepare_rows
     job = prepare_rows(student, str(rows_dir), str(out), distill_train_config(cfg), device=cfg.device,
                        name=f"distill-round-{r}", storage_dir=str(storage), objective="policy_gradient",
-                       temperature=cfg.distill.temperature)
+                       temperature=cfg.distill.temperature, clip=cfg.distill.clip)
     return fit_sft(job)
 
 

@@ -65,6 +65,8 @@ class LoopConfig:
     rdistill.train.forward.policy_gradient_sum)."""
     temperature: float = 1.0
     """policy_gradient: the policy is softmax(logits / temperature) (the sampling temperature)."""
+    clip: float = 0.0
+    """policy_gradient: PPO's ratio clip (0: the plain importance-weighted gradient)."""
 
 
 def ds_config(tc: TrainConfig, bf16: bool) -> dict:
@@ -193,6 +195,8 @@ def train_loop(loop_config: dict) -> None:
     kernel = "liger" if gpu and chunk and liger_available() else "chunked"
     loss_how = "full logits" if not chunk else "Liger fused" if kernel == "liger" else f"{chunk}-token chunks"
     say(f"loss: {loss_how}, attention {config.attn}, sequence parallel {sp}, {dp_world} data-parallel replica(s)")
+    # offline logit KD: rows that carry the teacher's top-k logprobs (train.kd.weight > 0)
+    kd = {"weight": tc.kd.weight, "temperature": tc.kd.temperature} if tc.kd.weight > 0 else None
     progress = Path(config.progress_file) if config.progress_file and rank == 0 else None
     engine.train()
     for step in range(state["step"], total):
@@ -210,9 +214,9 @@ def train_loop(loop_config: dict) -> None:
             if sp > 1:
                 b = shard(b, sp_rank, sp)
             if config.objective == "policy_gradient":
-                ls = policy_gradient_sum(engine, b, chunk, config.temperature)
+                ls = policy_gradient_sum(engine, b, chunk, config.temperature, config.clip)
             else:
-                ls = loss_sum(engine, b, chunk, kernel)
+                ls = loss_sum(engine, b, chunk, kernel, kd)
             engine.backward(ls * scale / n)
             engine.step()
             lead = float(sp_rank == 0)  # count a group's row once

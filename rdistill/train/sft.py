@@ -109,6 +109,8 @@ class PreparedSFT:
     """sft, or policy_gradient for rows with advantages (rdistill.train.loop.LoopConfig)."""
     temperature: float = 1.0
     """The policy's temperature (policy_gradient)."""
+    clip: float = 0.0
+    """PPO's ratio clip of the policy-gradient loss (0: none)."""
 
 
 def prepare_sft(model_dir: str, sft_files: list[str], out_dir: str, cfg: TrainConfig, device: str = "cpu",
@@ -126,7 +128,7 @@ def prepare_sft(model_dir: str, sft_files: list[str], out_dir: str, cfg: TrainCo
 
 def prepare_rows(model_dir: str, rows_dir: str, out_dir: str, cfg: TrainConfig, device: str = "cpu",
                  name: str = "rows", storage_dir: str | None = None, objective: str = "sft",
-                 temperature: float = 1.0) -> PreparedSFT:
+                 temperature: float = 1.0, clip: float = 0.0) -> PreparedSFT:
     """A job on rows already tokenized and packed (rdistill.data.packing.save_token_rows), e.g.
     on-policy distillation's sampled completions with their per-token advantages."""
     from transformers import AutoTokenizer
@@ -143,7 +145,7 @@ def prepare_rows(model_dir: str, rows_dir: str, out_dir: str, cfg: TrainConfig, 
     data = {"samples": n, "kept": n, "dropped_too_long": 0, "rows": n, "tokens": int(rows.offsets[-1]),
             "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
     return PreparedSFT(str(Path(model_dir).absolute()), out_dir, cfg, device, name, storage, Path(rows_dir),
-                       data, total, objective, temperature)
+                       data, total, objective, temperature, clip)
 
 
 def train_sft(model_dir: str, sft_files: list[str], out_dir: str, cfg: TrainConfig, device: str = "cpu",
@@ -180,7 +182,7 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
         progress_file=str(job.storage / f"{name}-progress.jsonl"), faults=_fault or [],
         snapshot=str(job.storage / name / "checkpoint_manager_snapshot.json"),
         snapshots=str(job.storage / f"{name}-snapshots"), objective=job.objective,
-        temperature=job.temperature)}
+        temperature=job.temperature, clip=job.clip)}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, scaling_config=ScalingConfig(**train_scaling(device, cfg)),
         run_config=RunConfig(name=name, storage_path=str(job.storage),
