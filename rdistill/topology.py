@@ -178,6 +178,11 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
                 peak = {k: max(v, peak.get(k, 0)) for k, v in per.items()}
                 all_at_once = {k: v * len(cfg.domains) for k, v in per.items()}
             p.resources = peak
+            if cfg.train.kd.weight > 0:
+                k = cfg.train.kd.top_k
+                p.notes.append(f"logit KD: {cfg.train.kd.teacher or cfg.teacher.model}'s top-{k} logprobs stored at "
+                               f"every loss token, {6 * k} bytes per token (int32 ids + float16 logprobs), "
+                               f"KL weight {cfg.train.kd.weight} at temperature {cfg.train.kd.temperature}")
             p.notes.append("branches run concurrently when the cluster holds "
                            + ", ".join(f"{k}={v:g}" for k, v in all_at_once.items()) + ", else queue")
         elif stage == "serve":

@@ -172,3 +172,36 @@ def test_a_missing_student_or_branch_is_refused(tmp_path):
 def test_train_overrides_the_stage_sets_itself_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"distill.train_overrides.*sets these itself"):
         _cfg(tmp_path, "+distill.train_overrides.max_steps=3")
+
+
+# ---- offline logit KD: the top-k KL term ----------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_kd_term_matches_its_formula_and_pads_weigh_nothing(chunk):
+    from transformers import AutoModelForCausalLM
+
+    from rdistill.data.packing import KD_PAD_LOGPROB
+    from rdistill.train.forward import token_losses
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "base", dtype=torch.float32)
+    b = _batch(model, 3)
+    g = torch.Generator().manual_seed(4)
+    k, V = 6, model.config.vocab_size
+    b["kd_ids"] = torch.randint(0, V, (2, 24, k), generator=g)
+    tlp = torch.log_softmax(torch.randn(2, 24, k, generator=g) * 2, -1) - 0.3  # top-k of a larger vocabulary
+    tlp[..., -1] = KD_PAD_LOGPROB  # a missing entry
+    b["kd_logprobs"] = tlp
+    kd = {"weight": 0.5, "temperature": 2.0}
+    got = token_losses(model, b, chunk, kd=kd)
+    got.sum().backward()
+    g1 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits.float()
+    mask = b["targets"] != IGNORE
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["targets"], ignore_index=IGNORE, reduction="none")
+    s = torch.log_softmax(logits / 2.0, -1).gather(-1, b["kd_ids"])[..., :-1]
+    t = torch.log_softmax(tlp[..., :-1], -1)  # the pad dropped, the rest renormalised
+    want = ce + 0.5 * 4.0 * (t.exp() * (t - s)).sum(-1) * mask
+    want.sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g1[n], p.grad, atol=2e-5, rtol=1e-3)

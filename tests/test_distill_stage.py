@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 BASE, TEACHER = str(ASSETS / "base"), str(ASSETS / "teacher")
 SMALL = ["~domains.math", "~domains.code", "toy.n_train=64", "toy.n_dev=40", "toy.n_test=10",
          "train.num_workers=1", "train.micro_batch_size=4", "train.max_len=256", "eval.sampling.max_tokens=128",
-         "distill.max_tokens=128", "distill.samples_per_prompt=2"]
+         "distill.max_tokens=128", "distill.samples_per_prompt=2", "distill.engine.dtype=float32"]
 
 
 def _run(tmp_path, *over):
@@ -79,7 +79,7 @@ def test_self_distillation_changes_nothing_and_a_killed_stage_resumes(ray_cluste
 
 def test_distilling_a_missing_skill_from_a_teacher_that_has_it_raises_dev_score(ray_cluster, tmp_path):
     cfg, run = _run(tmp_path, f"distill.student={BASE}", f"+distill.teachers.science={TEACHER}", "distill.rounds=2",
-                    "distill.prompts_per_domain=32", "distill.lr=3e-4", "distill.dev_prompts=40",
+                    "distill.prompts_per_domain=32", "distill.lr=1e-4", "distill.dev_prompts=40",
                     "distill.dev_samples=2")
     m = pipeline.run_stage(cfg, run, "distill")
     curve = m["result"]["dev_curve"]

@@ -62,6 +62,10 @@ class DistillConfig:
     """Most tokens per sampled completion."""
     lr: float = spec(1e-5, gt=0)
     """Learning rate of each round's update."""
+    baseline: str = spec("mean", choices=["mean", "none"])
+    """Subtracted from each domain's per-token advantages in a round: their mean (a constant
+    baseline: same expected gradient, less variance; a student behind its teacher otherwise
+    pushes down almost every token it sampled) or nothing."""
     clip: float = spec(0.2, ge=0.0)
     """PPO ratio clip of the update (0: the plain importance-weighted policy gradient). Every
     step of a round learns from the round's snapshot's samples: the clip keeps a token from
@@ -79,7 +83,10 @@ class DistillConfig:
     """Samples per dev prompt for that curve."""
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(dtype="auto"))
     """The engine that samples and scores (one engine: student and branches share a family, so
-    each model's weights are loaded into it in place). max_model_len None: the student's."""
+    each model's weights are loaded into it in place). max_model_len None: the student's. Its
+    dtype is that of the logprobs (the advantages and the update's importance ratios): vLLM's
+    CPU backend runs `auto` float32 checkpoints in bf16 (logprobs off by up to ~0.04 from the
+    trainer's), so the toy sets float32."""
     seed: int = 0
     """Seed of the prompt order and the samples."""
 

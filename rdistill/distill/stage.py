@@ -129,7 +129,7 @@ def run(ctx: StageContext) -> dict:
             if not (rd / "data.json").exists():  # a round killed in its update keeps its rows
                 rows = round_rows(prompts, r, dc.prompts_per_domain, dc.samples_per_prompt, dc.seed)
                 scored = sample_and_score(engine.get(), student, teachers, rows, kwargs, dc)
-                stats = write_rows(scored, rd / "rows", max_len)
+                stats = write_rows(scored, rd / "rows", max_len, dc.baseline)
                 stats["sample_score_s"] = round(time.time() - t0, 2)
                 write_json_atomic(rd / "data.json", stats)
             stats = json.loads((rd / "data.json").read_text())

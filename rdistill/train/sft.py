@@ -114,11 +114,22 @@ class PreparedSFT:
 
 
 def prepare_sft(model_dir: str, sft_files: list[str], out_dir: str, cfg: TrainConfig, device: str = "cpu",
-                name: str = "sft", storage_dir: str | None = None) -> PreparedSFT:
-    """Everything before training: fails with a one-line SFTDataError on a bad set or student."""
+                name: str = "sft", storage_dir: str | None = None, kd_teacher: str | None = None) -> PreparedSFT:
+    """Everything before training: fails with a one-line SFTDataError on a bad set or student.
+    With train.kd.weight > 0, `kd_teacher`'s top-k logprobs are captured into the rows."""
     storage = Path(storage_dir or tempfile.mkdtemp(prefix="rdistill-train-")).absolute()
     data_file = storage / f"{name}-rows"  # a directory of memory-mapped .npy files
+    if cfg.kd.weight > 0:
+        from rdistill.train.kd import check_kd_teacher
+        check_kd_teacher(kd_teacher or "", model_dir)
     data = prepare_data(model_dir, list(sft_files), cfg, data_file)
+    if cfg.kd.weight > 0:
+        from rdistill.config import EngineConfig
+        from rdistill.train.kd import capture_topk
+        eng = EngineConfig(dtype="float32" if device == "cpu" else "auto", max_model_len=cfg.max_len + 1)
+        data.update(capture_topk(data_file, kd_teacher, cfg.kd, device, eng))
+        log.info("[%s] KD: teacher top-%d logprobs at every loss token (%d bytes per token)", name, cfg.kd.top_k,
+                 data["kd_bytes_per_token"])
     # Ranks of one sequence-parallel group train on the same rows: num_workers / sp replicas.
     per_step = cfg.micro_batch_size * cfg.grad_accum * (cfg.num_workers // cfg.sequence_parallel_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * data["rows"] / per_step))

@@ -28,16 +28,19 @@ def run(ctx: StageContext) -> dict:
     init_ray(cfg.ray)  # before preparing: tokenizing a large SFT set runs as a Ray Data job
     jobs = {}
     sets = {dom: str(ctx.run.stage_dir("verify") / f"{dom}.jsonl") for dom in sorted(cfg.domains)}
+    # offline logit KD (train.kd.weight > 0): the teacher's top-k logprobs captured into the rows
+    kd = ctx.model(cfg.train.kd.teacher or cfg.teacher.model) if cfg.train.kd.weight > 0 else None
     for dom, sft in sets.items():
         jobs[dom] = prepare_sft(base, [sft], str(ctx.out / dom), branch_train_config(cfg, dom),
-                                device=cfg.device, name=f"branch-{dom}", storage_dir=str(ctx.work / dom))
+                                device=cfg.device, name=f"branch-{dom}", storage_dir=str(ctx.work / dom),
+                                kd_teacher=kd)
     if cfg.train.mixture_baseline:
         # The reviewer's first question: one student on everything, for as many optimizer
         # steps as the branches take together.
         steps = sum(j.total_steps for j in jobs.values())
         jobs[MIXTURE] = prepare_sft(base, list(sets.values()), str(ctx.out / MIXTURE),
                                     dataclasses.replace(cfg.train, max_steps=steps), device=cfg.device,
-                                    name=MIXTURE, storage_dir=str(ctx.work / MIXTURE))
+                                    name=MIXTURE, storage_dir=str(ctx.work / MIXTURE), kd_teacher=kd)
     log.info("train: %d student(s) from %s: %s", len(jobs), base,
              ", ".join(f"{d} ({j.data['kept']} samples, {j.total_steps} steps)" for d, j in jobs.items()))
     # live loss curves: a driver thread tails each branch's rank-0 progress file into its tracking run
@@ -69,5 +72,6 @@ def run(ctx: StageContext) -> dict:
 
 # The branches (and the mixture baseline) from the student base on the verified SFT sets.
 STAGE = Stage("train", run, reads=("train", "student", "device"), inputs=("verify",),
+              extra=lambda c: {"kd_teacher": c.train.kd.teacher or c.teacher.model} if c.train.kd.weight > 0 else {},
               domains_ignored=("train", "extra_train", "dev", "test", "extra_test", "system_prompt",
                                "instruction_suffix", "eval_samples", "require_correct", "language", "kind"))
