@@ -205,3 +205,22 @@ def test_kd_term_matches_its_formula_and_pads_weigh_nothing(chunk):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for n, p in model.named_parameters():
         torch.testing.assert_close(g1[n], p.grad, atol=2e-5, rtol=1e-3)
+
+
+def test_mean_baseline_centres_each_domains_advantages(tmp_path):
+    from rdistill.distill.rounds import write_rows
+    scored = [_scored(5, 6 + i, i, "math") for i in range(3)] + [_scored(4, 9, 7, "code")]
+    stats = write_rows(scored, tmp_path / "rows", 64, "mean")
+    pr = PackedRows(tmp_path / "rows")
+    adv = np.asarray(pr.floats["advantages"])
+    tgt = np.asarray(pr.targets)
+    lens = {d: sum(len(s["completion_ids"]) for s in scored if s["domain"] == d) for d in ("math", "code")}
+    assert stats["domains"]["math"]["tokens"] == lens["math"] and (tgt != IGNORE).sum() == sum(lens.values())
+    # the round's reverse KL is reported before the baseline; what is trained on sums to 0 per domain
+    raw = np.concatenate([advantages(s) for s in scored if s["domain"] == "math"])
+    assert stats["domains"]["math"]["reverse_kl_per_token"] == pytest.approx(-raw.mean(), abs=1e-5)
+    assert abs(adv[tgt != IGNORE].sum()) < 1e-3
+    none = write_rows(scored, tmp_path / "rows2", 64, "none")
+    assert none["domains"] == stats["domains"]
+    assert abs(np.asarray(PackedRows(tmp_path / "rows2").floats["advantages"]).sum() - sum(
+        advantages(s).sum() for s in scored)) < 1e-3

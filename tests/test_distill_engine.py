@@ -65,3 +65,38 @@ def test_prefill_logprobs_equal_hf_log_softmax(ray_cluster):
     assert [a["logprobs"] for a in first] == [a["logprobs"] for a in again]
     # a teacher's tempered logprobs differ from its untempered ones (the scale took effect)
     assert not np.allclose(scored[1][1][0]["logprobs"], scored[2][1][0]["logprobs"], atol=1e-3)
+
+
+def test_kd_capture_stores_the_teachers_top_k_at_each_loss_token(ray_cluster, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rdistill.config import EngineConfig as E
+    from rdistill.config.distill import KDConfig
+    from rdistill.data.packing import PackedRows, build_rows, save_token_rows
+    from rdistill.data.sft import IGNORE
+    from rdistill.train.kd import capture_topk
+    tok = AutoTokenizer.from_pretrained(ASSETS / "base")
+    samples = []
+    for i, r in enumerate(records("math", "train", 5, 0)):
+        ids = tok(r["prompt"] + " <think> 1+1=2 </think> \\boxed{2}")["input_ids"]
+        tgt = [IGNORE] * 6 + ids[7:] + [IGNORE]  # loss on all but the first tokens
+        samples.append({"ids": np.array(ids, np.int32), "targets": np.array(tgt, np.int32)})
+    rows = build_rows([len(s["ids"]) for s in samples], 120, True)
+    save_token_rows(tmp_path / "rows", samples, rows)
+    info = capture_topk(tmp_path / "rows", str(ASSETS / "teacher"), KDConfig(weight=1.0, top_k=4, temperature=1.0),
+                        "cpu", E(dtype="float32", max_model_len=256))
+    assert info == {"kd_samples": 5, "kd_top_k": 4, "kd_bytes_per_token": 24}
+    pr = PackedRows(tmp_path / "rows")
+    m = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32)
+    for r in range(len(pr)):
+        b = pr.batch([r], 0)
+        with torch.no_grad():
+            lp = torch.log_softmax(m(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[0], -1)
+        mask = b["targets"][0] != IGNORE
+        top = lp.topk(4, -1)
+        got_ids, got_lp = b["kd_ids"][0][mask], b["kd_logprobs"][0][mask]
+        np.testing.assert_allclose(got_lp.numpy(), top.values[mask].numpy(), atol=2e-3, rtol=1e-3)  # float16
+        # the ids agree but where two logprobs tie within float noise
+        same = (got_ids == top.indices[mask]).float().mean().item()
+        assert same > 0.98, same
