@@ -63,7 +63,7 @@ def dev_scores(pool, ctx: StageContext, model: str, name: str) -> dict:
     cfg, dc = ctx.cfg, ctx.cfg.distill
     rows = []
     for d in sorted(cfg.domains):
-        recs = prompt_records(cfg, d, "dev", ctx.source_path)[:dc.dev_prompts]
+        recs = prompt_records(cfg, d, "dev", ctx.source_path)[:dc.dev_prompts or 40]
         rows += sample_rows(cfg, d, "dev", recs, n=dc.dev_samples)
     spec = LLMSpec(model=model, name=name, device=cfg.device, sampling=cfg.eval.sampling, engine=engine_config(cfg))
     for _, df, _ in answer_and_score(pool, [(spec, rows)], cfg.verify.sandbox):
@@ -101,25 +101,51 @@ def _update(student: str, rows_dir: Path, out: Path, cfg, storage: Path, r: int)
     return fit_sft(job)
 
 
+def choose_merge(engine, ctx: StageContext) -> tuple[str, dict, dict]:
+    """`merged` before the evaluate stage has chosen on dev (a fresh run): the merge candidate with
+    the best dev objective (merge.objective), scored here as evaluate would, on the first
+    distill.dev_prompts (or 40) dev prompts per domain. Returns (path, its dev scores, all)."""
+    from rdistill.scoring.passk import select_candidate
+    cfg = ctx.cfg
+    names = cfg.merge.names()
+    scores = {n: dev_scores(engine.get(), ctx, ctx.model(f"merge:{n}"), f"merge:{n}") for n in names}
+    best = select_candidate({n: {d: v["pass_at_1"] for d, v in s.items()} for n, s in scores.items()},
+                            cfg.merge.objective, cfg.merge.domain_weights)
+    log.info("distill: student = merge:%s (best %s objective on dev among %s)", best, cfg.merge.objective,
+             ", ".join(names))
+    return ctx.model(f"merge:{best}"), scores[best], {"candidate": best, "dev": scores}
+
+
 def run(ctx: StageContext) -> dict:
     from rdistill.llm.warm import engine_kwargs
+    from rdistill.refs import merge_selection
     from rdistill.topology import init_ray
     cfg, dc = ctx.cfg, ctx.cfg.distill
     t_start = time.time()
-    start = ctx.model(dc.student)
+    choose = dc.student == "merged" and len(cfg.merge.names()) > 1 and \
+        not (ctx.run.stage_dir("evaluate") / "selection.json").exists()
+    start = ctx.model(f"merge:{cfg.merge.names()[0]}" if choose else dc.student)
     teachers = check_teachers(cfg, start, ctx.model)  # one-line errors, before any engine starts
     prompts = train_prompts(cfg, ctx.source_path)
     init_ray(cfg.ray)
-    kwargs = engine_kwargs(cfg.device, engine_config(cfg))
-    max_len = distill_train_config(cfg).max_len
-    done = finished_rounds(ctx)
-    student = done[-1]["model"] if done else start
-    if done:
-        log.info("distill: resuming after round %d of %d (%s)", len(done), dc.rounds, student)
-    log.info("distill: student %s, teachers %s", start, ", ".join(f"{d}={p}" for d, p in teachers.items()))
     engine = _Engine(cfg.device, dc.engine.tensor_parallel_size)
-    curve0 = ctx.work / "dev-start.json"
+    choice_file, curve0 = ctx.work / "choice.json", ctx.work / "dev-start.json"
     try:
+        if choose:  # which merge is `merged` is evaluate's dev choice, which a fresh run has not made yet
+            if not choice_file.exists():
+                path, dev, choice = choose_merge(engine, ctx)
+                write_json_atomic(curve0, dev)
+                write_json_atomic(choice_file, dict(choice, path=path))
+            start = json.loads(choice_file.read_text())["path"]
+        elif merge_selection(ctx.run) and dc.student == "merged":
+            log.info("distill: student = the run's chosen merge (%s)", merge_selection(ctx.run).get("candidate"))
+        kwargs = engine_kwargs(cfg.device, engine_config(cfg))
+        max_len = distill_train_config(cfg).max_len
+        done = finished_rounds(ctx)
+        student = done[-1]["model"] if done else start
+        if done:
+            log.info("distill: resuming after round %d of %d (%s)", len(done), dc.rounds, student)
+        log.info("distill: student %s, teachers %s", start, ", ".join(f"{d}={p}" for d, p in teachers.items()))
         if dc.dev_prompts and not curve0.exists():
             write_json_atomic(curve0, dev_scores(engine.get(), ctx, start, "round 0"))
         for r in range(len(done), dc.rounds):
@@ -154,10 +180,12 @@ def run(ctx: StageContext) -> dict:
     curve = [{"round": 0, "dev": json.loads(curve0.read_text())}] if curve0.exists() else []
     curve += [{"round": d["round"], "dev": d["dev"]} for d in done if "dev" in d]
     rounds = [{k: v for k, v in d.items() if k != "model"} for d in done]
+    choice = json.loads(choice_file.read_text()) if choice_file.exists() else None
     write_json_atomic(ctx.out / "rounds.json", {"student": start, "teachers": teachers, "rounds": rounds,
-                                                "dev_curve": curve})
+                                                "dev_curve": curve, "merge_choice": choice})
     last = done[-1]["data"]["domains"]
-    return {"rounds": len(done), "model": "distill/model", "wall_s": round(time.time() - t_start, 2),
+    return {"rounds": len(done), "model": "distill/model", "student": start,
+            "merge_choice": choice and choice["candidate"], "wall_s": round(time.time() - t_start, 2),
             "samples": sum(d["data"]["samples"] for d in done),
             "update_s": round(sum(d["update_s"] for d in done), 2),
             "reverse_kl_last_round": {d: s["reverse_kl_per_token"] for d, s in last.items()},
