@@ -5,6 +5,8 @@ were sampled; a model scoring its own samples gives an advantage of exactly 0.""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -24,10 +26,16 @@ def _rows(n: int = 6) -> list[dict]:
             for i, r in enumerate(recs)]
 
 
-def _hf_logprobs(model_dir, prompt_ids, completion_ids, temperature):
+@functools.lru_cache(maxsize=2)
+def _hf(model_dir):
     import torch
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _hf_logprobs(model_dir, prompt_ids, completion_ids, temperature):
+    import torch
+    m = _hf(model_dir)
     ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
     with torch.no_grad():
         logits = m(ids).logits[0].float() / temperature
