@@ -19,6 +19,7 @@ import time
 from rdistill import tracking
 from rdistill.config import STAGES, ExperimentConfig, to_dict
 from rdistill.config.fields import ConfigError
+from rdistill.distill import stage as distill
 from rdistill.evaluate import stage as evaluate
 from rdistill.generate import stage as generate
 from rdistill.llm.failures import engine_failure
@@ -33,8 +34,8 @@ from rdistill.train import stage as train
 from rdistill.verify import stage as verify
 
 # Every stage, in pipeline order (the order of rdistill.config.STAGES).
-SPECS: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (toy, generate, verify, train, merge, evaluate,
-                                                            report, serve)}
+SPECS: dict[str, Stage] = {m.STAGE.name: m.STAGE for m in (toy, generate, verify, train, merge, distill,
+                                                            evaluate, report, serve)}
 assert list(SPECS) == STAGES, "rdistill.config.STAGES and the stage modules disagree"
 
 

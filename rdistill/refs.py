@@ -7,6 +7,7 @@
 `merge:<candidate>/<step>`  a merge step's output in this run (`merge:<candidate>` = its last step)
 `merged`                    the run's chosen merge (picked by the evaluate stage on dev, or the only one)
 `mixture`                   the data-mixture baseline (one student on every domain's SFT set)
+`distilled`                 the distill stage's model (the merge distilled on-policy from the branches)
 anything else               a local path, or a Hugging Face model id passed through unchanged
 """
 
@@ -19,6 +20,8 @@ from rdistill.config.fields import ConfigError
 from rdistill.rundir import RunDir
 
 MIXTURE = "mixture"  # the data-mixture baseline: train/mixture, and its model reference
+DISTILLED = "distilled"  # the distill stage's model: distill/model, and its model reference
+DISTILLED_ROW = "merge+distill"  # its row in the evaluation table
 
 
 def resolve_model(ref: str, run: RunDir, student_base: str | None = None) -> str:
@@ -36,6 +39,8 @@ def resolve_model(ref: str, run: RunDir, student_base: str | None = None) -> str
         return str(run.stage_dir("train") / name)
     if ref == MIXTURE:
         return str(run.stage_dir("train") / MIXTURE)
+    if ref == DISTILLED:
+        return str(run.stage_dir("distill") / "model")
     if kind == "merge" and name:
         cand, _, step = name.partition("/")
         root = run.stage_dir("merge") / cand
@@ -53,7 +58,7 @@ def producing_stage(ref: str) -> str | None:
     run): toy:... the toy stage, branch:<d> and mixture the train stage, merge:... the merge."""
     kind = ref.partition(":")[0]
     return {"toy": "toy", "branch": "train", "merge": "merge"}.get(kind) or \
-        ("train" if ref == MIXTURE else "merge" if ref == "merged" else None)
+        ("train" if ref == MIXTURE else "merge" if ref == "merged" else "distill" if ref == DISTILLED else None)
 
 
 def toy_inputs(cfg) -> list[str]:

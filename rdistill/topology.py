@@ -236,6 +236,11 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
                 peak = {k: max(v, peak.get(k, 0)) for k, v in per.items()}
                 all_at_once = {k: v * len(cfg.domains) for k, v in per.items()}
             p.resources = peak
+            if cfg.train.kd.weight > 0:
+                k = cfg.train.kd.top_k
+                p.notes.append(f"logit KD: {cfg.train.kd.teacher or cfg.teacher.model}'s top-{k} logprobs stored at "
+                               f"every loss token, {6 * k} bytes per token (int32 ids + float16 logprobs), "
+                               f"KL weight {cfg.train.kd.weight} at temperature {cfg.train.kd.temperature}")
             p.notes.append("branches run concurrently when the cluster holds "
                            + ", ".join(f"{k}={v:g}" for k, v in all_at_once.items()) + ", else queue")
         elif stage == "serve":
@@ -246,9 +251,20 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             b = engine_placement(cfg.device, eval_tensor_parallel(cfg))["bundles"]
             p.resources = _sum(b)
             n_models = (1 + len(cfg.domains) + int(cfg.train.mixture_baseline) + len(cfg.merge.names())
-                        + int(cfg.eval.include_teacher))
+                        + int(cfg.eval.include_teacher) + int("distill" in cfg.stages))
             p.notes.append(f"{n_models} models on {cfg.eval.concurrency or 'as many as fit'} warm vLLM "
                            f"engine(s) (tp={eval_tensor_parallel(cfg)}), weights reloaded between models")
+        elif stage == "distill":
+            from rdistill.config.distill import distill_train_config
+            tc, dc = distill_train_config(cfg), cfg.distill
+            s = train_scaling(cfg.device, tc)
+            p.resources = _sum(engine_placement(cfg.device, dc.engine.tensor_parallel_size)["bundles"])
+            if cfg.device == "cpu":  # the engine stays up on CPUs; on GPUs it is closed for the update
+                for k, v in _sum([s["resources_per_worker"]], s["num_workers"]).items():
+                    p.resources[k] = p.resources.get(k, 0) + v
+            p.notes.append(f"{dc.rounds} round(s): {dc.prompts_per_domain} prompts x {dc.samples_per_prompt} "
+                           f"samples per domain on a warm vLLM engine, scored by each domain's teacher, then "
+                           f"{tc.num_workers} Ray Train worker(s) (policy gradient, lr={tc.lr})")
         elif stage in ("merge", "verify"):
             p.resources = {"CPU": 1}
             p.notes.append("tasks spread over every free CPU")

@@ -7,10 +7,11 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "rdistill"
-STAGES = {"toy", "generate", "verify", "train", "merge", "evaluate", "report", "serve"}
-# The toy world is built by the project's own trainer (rdistill.toy.build -> rdistill.train.sft):
-# the one stage-to-stage edge, by design.
-ALLOWED = {("toy", "train")}
+STAGES = {"toy", "generate", "verify", "train", "merge", "distill", "evaluate", "report", "serve"}
+# The toy world is built by the project's own trainer (rdistill.toy.build -> rdistill.train.sft),
+# and on-policy distillation's update runs in it too (rdistill.distill.stage -> rdistill.train.sft
+# with the policy-gradient loss): the two stage-to-stage edges, by design.
+ALLOWED = {("toy", "train"), ("distill", "train")}
 
 
 def imports(path: Path) -> set[str]:

@@ -193,3 +193,35 @@ def test_report_shows_the_search_and_its_margin_over_the_fixed_recipes(run_dir, 
     # dev: 63.3 vs fusion's 60.0; test mean: 63.0 vs fusion's 60.0
     assert "Against the best fixed recipe (fusion): +3.3 on dev (the evaluate stage's dev split), +3.0 on test" in text
     assert "| merge:search (chosen) |" in text
+
+
+def test_distill_section_rows_cost_and_dev_curve(run_dir):
+    from PIL import Image
+    res = _results() + [{"model": "merge+distill", "domain": d, "n_prompts": 100, "n_samples": 4, "pass_at_1": v,
+                         "stderr": 0.03, "n_errors": 0} for d, v in zip(DOMS, [0.78, 0.58, 0.69])]
+    (run_dir / "evaluate" / "results.json").write_text(json.dumps(res))
+    (run_dir / "train" / "manifest.json").write_text(json.dumps(
+        {"result": {"per_branch": {"mixture": {"train_time_s": 100.0, "wall_s": 130.0}}}}))
+    curve = [{"round": r, "dev": {d: {"pass_at_1": 0.5 + 0.1 * r, "stderr": 0.05, "n_prompts": 40} for d in DOMS}}
+             for r in range(3)]
+    rounds = [{"round": r, "update_s": 10.0, "data": {"samples": 64, "sample_score_s": 5.0, "domains": {
+        d: {"reverse_kl_per_token": 0.3 / r} for d in DOMS}}} for r in (1, 2)]
+    (run_dir / "distill").mkdir()
+    (run_dir / "distill" / "rounds.json").write_text(json.dumps(
+        {"student": "merged", "teachers": {d: f"branch:{d}" for d in DOMS}, "rounds": rounds, "dev_curve": curve}))
+    (run_dir / "distill" / "manifest.json").write_text(json.dumps({"wall_time_s": 52.0,
+                                                                   "result": {"update_s": 20.0}}))
+    out = run_dir / "report"
+    info = build_report(run_dir, out)
+    md = (out / "report.md").read_text()
+    sec = md.split("## On-policy distillation from the branches")[1].split("\n## ")[0]
+    assert "| merge:fusion | 70.0 ± 3.0 | 50.0 ± 3.0 | 60.0 ± 3.0 |" in sec
+    assert "| merge+distill | 78.0 ± 3.0 | 58.0 ± 3.0 | 69.0 ± 3.0 |" in sec
+    assert "| 2 | 64 | 0.15 | 0.15 | 0.15 | 5.0 | 10.0 |" in sec
+    assert "took 52 s wall, 20 s of it in the updates; the mixture baseline trained for 100 s (130 s wall), " \
+           "so distilling cost 0.40x the mixture's wall time" in sec
+    assert "distill_dev" in info["plots"] and Image.open(out / "distill_dev.png").size[0] > 100
+    # the table puts merge+distill after the merges, before the teacher
+    table = md.split("## Results")[1].split("\n\n")[2]
+    rows = [ln.split("|")[1].strip() for ln in table.split("\n") if ln.startswith("| ")][2:]
+    assert rows[-2:] == ["merge+distill", "teacher (toy-teacher)"], rows

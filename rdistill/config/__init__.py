@@ -2,6 +2,7 @@
 
 from rdistill.config.experiment import (STAGES, ExperimentConfig, RayConfig, branch_train_config,
                                         to_dict, validated)
+from rdistill.config.distill import DistillConfig
 from rdistill.config.fields import MERGE_METHODS, ConfigError
 from rdistill.config.models import (DomainConfig, EngineConfig, SamplingConfig, SourceConfig, StudentConfig,
                                     TeacherConfig)
@@ -13,7 +14,7 @@ from rdistill.config.tracking import TRACKING_BACKENDS, TrackingConfig
 
 __all__ = [
     "STAGES", "ExperimentConfig", "RayConfig", "branch_train_config", "to_dict", "validated",
-    "ConfigError", "DomainConfig", "EngineConfig", "SamplingConfig", "SourceConfig", "StudentConfig", "TeacherConfig",
+    "ConfigError", "DistillConfig", "DomainConfig", "EngineConfig", "SamplingConfig", "SourceConfig", "StudentConfig", "TeacherConfig",
     "MERGE_METHODS", "SEARCH_CANDIDATE", "EvalConfig", "GenerateConfig", "MergeCandidateConfig",
     "MergeConfig", "MergeSearchConfig", "MergeModelConfig", "MergeStepConfig", "SandboxConfig", "ServeConfig", "ToyConfig", "TrainConfig",
     "VerifyConfig", "TRACKING_BACKENDS", "TrackingConfig",

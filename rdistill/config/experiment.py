@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from rdistill.config.fields import ConfigError, check, fail, spec
+from rdistill.config.distill import DistillConfig
 from rdistill.config.models import DomainConfig, StudentConfig, TeacherConfig
 from rdistill.config.stages import (EvalConfig, GenerateConfig, MergeConfig, ServeConfig,
                                     ToyConfig, TrainConfig, VerifyConfig)
 from rdistill.config.tracking import TrackingConfig
 
-STAGES = ["toy", "generate", "verify", "train", "merge", "evaluate", "report", "serve"]
+STAGES = ["toy", "generate", "verify", "train", "merge", "distill", "evaluate", "report", "serve"]
 
 
 @dataclass
@@ -59,6 +60,9 @@ class ExperimentConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """On-policy distillation of the merged student from each domain's teacher (the branches),
+    run when `distill` is in stages (between merge and evaluate)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -79,6 +83,16 @@ class ExperimentConfig:
                 check(branch_train_config(self, name), f"domains.{name}.train_overrides.")
             except TypeError as e:
                 raise ConfigError(f"domains.{name}.train_overrides: {e}") from None
+        if self.distill.teachers:
+            missing = sorted(set(self.domains) - set(self.distill.teachers))
+            if missing:
+                fail(f"distill.teachers.{missing[0]}", None, "every domain needs a teacher: add "
+                     f"distill.teachers.{missing[0]}=branch:{missing[0]} (or leave distill.teachers empty "
+                     "for the branches)")
+            extra = sorted(set(self.distill.teachers) - set(self.domains))
+            if extra:
+                fail(f"distill.teachers.{extra[0]}", self.distill.teachers[extra[0]],
+                     "no such domain: " + ", ".join(sorted(self.domains)))
         if self.teacher.backend == "openai" and not self.teacher.base_url:
             fail("teacher.base_url", None, "the openai backend needs the endpoint URL")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from rdistill.config.distill import KDConfig
 from rdistill.config.fields import DTYPES, MERGE_METHODS, fail, spec
 from rdistill.config.models import EngineConfig, SamplingConfig
 
@@ -149,6 +150,8 @@ class TrainConfig:
     """Worker failures Ray Train recovers from (resuming from the last checkpoint)."""
     seed: int = 42
     """Seed of data order and initialisation."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Offline top-k logit distillation added to the SFT loss (off at weight 0)."""
     mixture_baseline: bool = False
     """Also train one student on the union of every domain's SFT set, seeing each domain's samples
     as often as that domain's branch does (the same tokens per domain; the `mixture` row of the

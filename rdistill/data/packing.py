@@ -8,7 +8,8 @@ position_ids, no attention_mask and no cache. Padding at the end of a row restar
 too, so it forms its own segment that no real token attends to.
 
 Rows are stored flat in a directory of .npy files (ids, targets, positions: int32 per token;
-offsets: int64 per row boundary). Workers open them memory-mapped and read only the rows they
+offsets: int64 per row boundary; optionally float32 per-token columns for losses other than
+SFT's: `advantages` and `old_logprobs` of on-policy distillation's policy-gradient loss). Workers open them memory-mapped and read only the rows they
 train on, so no process ever holds the whole set (a 32k-token R1 set of a million samples is
 tens of GB).
 """
@@ -23,6 +24,13 @@ import numpy as np
 from rdistill.data.sft import IGNORE, Tokenized
 
 COLUMNS = ("ids", "targets", "positions")
+FLOAT_COLUMNS = ("advantages", "old_logprobs")
+KD_COLUMNS = ("kd_ids", "kd_logprobs")
+"""Optional (tokens, k) columns of offline logit KD: the teacher's top-k token ids (int32) and
+logprobs (float16) for the token each position predicts (rdistill.train.kd)."""
+KD_PAD_LOGPROB = -1.0e4  # a missing top-k entry: probability 0 after renormalisation
+"""Optional per-token float32 columns, aligned with `targets` (the value at a position belongs to
+the token that position predicts; 0 where the target is IGNORE)."""
 
 
 def pack_first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -123,6 +131,27 @@ def save_rows(path: str | Path, samples: list[Tokenized], rows: list[list[int]])
     return {"rows": len(rows), "tokens": int(offsets[-1])}
 
 
+def save_token_rows(path: str | Path, samples: list[dict], rows: list[list[int]]) -> dict:
+    """save_rows for samples given as token arrays: {ids, targets} and any FLOAT_COLUMNS (all of
+    one length per sample, targets already shifted); the float columns present in the first
+    sample are written for every sample."""
+    offsets, dest = row_layout([len(s["ids"]) for s in samples], rows)
+    arrays = open_rows(path, offsets)
+    extra = [c for c in FLOAT_COLUMNS if samples and c in samples[0]]
+    floats = {c: np.lib.format.open_memmap(Path(path) / f"{c}.npy", mode="w+", dtype=np.float32,
+                                           shape=(int(offsets[-1]),)) for c in extra}
+    for i, s in enumerate(samples):
+        at = int(dest[i])
+        if at < 0:
+            continue
+        write_sample(arrays, at, s["ids"], s["targets"])
+        for c in extra:
+            floats[c][at:at + len(s["ids"])] = s[c]
+    for a in (*arrays.values(), *floats.values()):
+        a.flush()
+    return {"rows": len(rows), "tokens": int(offsets[-1])}
+
+
 class PackedRows:
     """The rows written by save_rows (memory-mapped: only the rows asked for are read), and the
     padded micro-batches a worker trains on."""
@@ -136,6 +165,10 @@ class PackedRows:
             cols = {c: np.load(path / f"{c}.npy", mmap_mode="r") for c in (*COLUMNS, "offsets")}
         self.ids, self.targets, self.positions = cols["ids"], cols["targets"], cols["positions"]
         self.offsets = np.asarray(cols["offsets"])  # 8 bytes per row: small enough to hold
+        self.floats = {c: np.load(path / f"{c}.npy", mmap_mode="r") for c in FLOAT_COLUMNS
+                       if path.is_dir() and (path / f"{c}.npy").exists()}
+        self.kd = {c: np.load(path / f"{c}.npy", mmap_mode="r") for c in KD_COLUMNS
+                   if path.is_dir() and (path / f"{c}.npy").exists()}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -157,15 +190,23 @@ class PackedRows:
         ids = torch.full((len(groups), T), pad_id, dtype=torch.long)
         tgt = torch.full((len(groups), T), IGNORE, dtype=torch.long)
         pos = torch.zeros((len(groups), T), dtype=torch.long)
+        floats = {c: torch.zeros((len(groups), T), dtype=torch.float32) for c in self.floats}
+        if self.kd:
+            k = self.kd["kd_ids"].shape[1]
+            floats["kd_ids"] = torch.zeros((len(groups), T, k), dtype=torch.long)
+            floats["kd_logprobs"] = torch.full((len(groups), T, k), KD_PAD_LOGPROB, dtype=torch.float32)
         for g, members in enumerate(groups):
             at = 0
             for b in members:
                 a, e = int(self.offsets[rows[b]]), int(self.offsets[rows[b] + 1])
                 for dst, src in ((ids, self.ids), (tgt, self.targets), (pos, self.positions)):
                     dst[g, at:at + e - a] = torch.from_numpy(np.asarray(src[a:e], dtype=np.int64))
+                for c, dst in floats.items():
+                    src = self.kd[c] if c in KD_COLUMNS else self.floats[c]
+                    dst[g, at:at + e - a] = torch.from_numpy(np.array(src[a:e], dtype=dst.numpy().dtype))
                 at += e - a
             pos[g, at:] = torch.arange(T - at)
-        return {"input_ids": ids, "position_ids": pos, "targets": tgt,
+        return {"input_ids": ids, "position_ids": pos, "targets": tgt, **floats,
                 "tokens": sum(lens), "padded": len(groups) * T}
 
 

@@ -156,7 +156,8 @@ def run(ctx) -> dict:
 
 # Every model of the run on dev/test; the teacher too when it is evaluated.
 STAGE = Stage("evaluate", run, reads=("eval", "student", "merge", "device", "verify"),
-              inputs=("train", "merge"), engine="eval.engine",
+              inputs=lambda c: ["train", "merge"] + (["distill"] if "distill" in c.stages else []),
+              engine="eval.engine",
               domains_ignored=("train", "extra_train", "require_correct", "train_overrides"),
               extra=lambda c: {"teacher": to_dict(c.teacher) if c.eval.include_teacher else None,
                                "mixture": c.train.mixture_baseline})

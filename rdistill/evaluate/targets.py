@@ -1,7 +1,8 @@
 """Which models the evaluate stage scores, on which splits, with which engine settings.
 
 Rows of the final table: `base` (student.base), `branch:<domain>` (train/<domain>), each merge
-candidate `merge:<name>` (merge/<name>/final) and `teacher` when eval.include_teacher. Merge
+candidate `merge:<name>` (merge/<name>/final), `merge+distill` (distill/model) when the distill
+stage runs, and `teacher` when eval.include_teacher. Merge
 candidates are also scored on the dev split when there is more than one to choose from.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from rdistill.config import ExperimentConfig
 from rdistill.config.fields import ConfigError
 from rdistill.llm.spec import LLMSpec
-from rdistill.refs import MIXTURE
+from rdistill.refs import DISTILLED, DISTILLED_ROW, MIXTURE
 
 
 @dataclass
@@ -48,6 +49,8 @@ def eval_targets(cfg: ExperimentConfig, resolve) -> list[Target]:
     for name in cfg.merge.names():
         ref = f"merge:{name}"
         out.append(Target(ref, _student_spec(cfg, ref, resolve(ref)), dev))
+    if "distill" in cfg.stages:  # the merge distilled on-policy from the branches
+        out.append(Target(DISTILLED_ROW, _student_spec(cfg, DISTILLED_ROW, resolve(DISTILLED))))
     if cfg.eval.include_teacher:
         t = cfg.teacher
         model = resolve(t.model) if t.backend == "vllm" else t.model

@@ -73,6 +73,7 @@ class WarmEngine:
         self.family: Optional[str] = None
         self.starts = 0
         self.reloads = 0
+        self.scale = 1.0
 
     def _start(self, model: str, kwargs: dict) -> None:
         self._stop()
@@ -81,6 +82,7 @@ class WarmEngine:
         self.kwargs = kwargs
         self.model, self.family = model, family(model)
         self.starts += 1
+        self.scale = 1.0
 
     def _stop(self) -> None:
         if self.llm is not None:
@@ -106,14 +108,37 @@ class WarmEngine:
         self._start(model, kwargs)
         return "started"
 
+    def _logit_scale(self, scale: float) -> None:
+        if scale != self.scale:
+            self.llm.collective_rpc("rdistill_logit_scale", args=(scale,))
+            self.scale = scale
+
     def run(self, i: int, job: dict) -> dict:
         """Answer job["rows"] ([{id, messages, seed?}]) with job["model"] and job["sampling"]
-        ({temperature, top_p, max_tokens}); returns {job: i, answers, how, load_s, gen_s, ...}."""
+        ({temperature, top_p, max_tokens}); returns {job: i, answers, how, load_s, gen_s, ...}.
+        job["task"] `sample` or `score` runs rdistill.llm.tokens' token-level job instead (rows
+        and answers as documented there; `score` reads job["temperature"] and job["top_k"])."""
         from vllm import SamplingParams
-        model, rows, sampling = job["model"], job["rows"], job["sampling"]
+
+        from rdistill.llm import tokens
+        model, rows, sampling = job["model"], job["rows"], job.get("sampling")
         t0 = time.time()
         how = self.load(model, job["kwargs"])
         load_s = time.time() - t0
+        task = job.get("task", "chat")
+        if task != "chat":
+            # sampled logprobs are the raw logits' (temperature applies after them): scale the
+            # logits so that sampling and scoring both see logits / temperature
+            t = sampling["temperature"] if task == "sample" else job.get("temperature", 1.0)
+            self._logit_scale(1.0 / t if t > 0 else 1.0)
+            if task == "sample":
+                answers = tokens.sample(self.llm, rows, dict(sampling, temperature=1.0 if t > 0 else 0.0))
+            else:
+                answers = tokens.score(self.llm, rows, job.get("top_k", 0))
+            return {"job": i, "model": model, "how": how, "load_s": round(load_s, 2),
+                    "gen_s": round(time.time() - t0 - load_s, 2), "answers": answers,
+                    "starts": self.starts, "reloads": self.reloads}
+        self._logit_scale(1.0)
         params = [SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
                                  max_tokens=sampling["max_tokens"], seed=r.get("seed")) for r in rows]
         outs = self.llm.chat([r["messages"] for r in rows], params, use_tqdm=False) if rows else []

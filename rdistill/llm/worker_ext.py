@@ -51,3 +51,10 @@ class WeightLoader:
                     if hasattr(m, "cpu_linear") and isinstance(w, torch.Tensor) and w.numel():
                         _dispatch(m, remove_weight=False)
         return len(loaded or ())
+
+    def rdistill_logit_scale(self, scale: float) -> float:
+        """Multiply the model's logits by `scale` from now on (1/temperature for scoring at a
+        temperature, rdistill.llm.tokens); returns the previous scale."""
+        proc = self.model_runner.get_model().logits_processor
+        old, proc.scale = proc.scale, float(scale)
+        return old

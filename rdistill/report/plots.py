@@ -93,3 +93,21 @@ def funnel_bars(funnels: Mapping[str, Sequence[tuple[str, int]]], path: Path) ->
         ax.set_title(d)
         ax.set_xlabel("samples")
     return _save(fig, path)
+
+
+def dev_curve(curve: Sequence[dict], path: Path) -> Path | None:
+    """Dev pass@1 per domain (± one standard error) against the distill round (0: the merge)."""
+    if len(curve) < 2:
+        return None
+    doms = sorted({d for c in curve for d in c["dev"]})
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for d in doms:
+        pts = [(c["round"], c["dev"][d]["pass_at_1"], c["dev"][d].get("stderr") or 0.0) for c in curve if d in c["dev"]]
+        r, p, e = zip(*pts)
+        ax.errorbar(r, [100 * x for x in p], yerr=[100 * x for x in e], label=d, marker="o", capsize=3)
+    ax.set_xticks(sorted({c["round"] for c in curve}))
+    ax.set_xlabel("distill round (0: the merge)")
+    ax.set_ylabel("dev pass@1 x 100")
+    ax.set_title("On-policy distillation from the branches")
+    ax.legend()
+    return _save(fig, path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rdistill.report import inputs, plots
 from rdistill.report.cost import cost_markdown, cost_summary
+from rdistill.report.distill import distill_markdown
 from rdistill.report.table import build_table, details_markdown, to_markdown, to_text
 from rdistill.report.verdict import method_verdict, verdict_markdown
 from rdistill.stage_api import Stage
@@ -131,6 +132,7 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
         "sft_tokens": plots.token_histograms(lengths, out / "sft_tokens.png"),
         "loss": plots.loss_curves(curves, out / "loss.png"),
     }
+    distill_md, pngs["distill_dev"] = distill_markdown(run_dir, res, doms, merged, out)
     n = sorted({r["n_samples"] for r in res})
     text = to_text(t)
 
@@ -147,6 +149,8 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
         "## Merge choice", "", _selection_md(sel, doms), "",
         "## Merge search", "", _search_md(inputs.search(run_dir), sel, t), "",
         "## Did the method hold?", "", verdict_markdown(verdict) if verdict else "(no merged model)", "",
+        "## On-policy distillation from the branches", "", distill_md, "",
+        *([img("distill_dev", "dev pass@1 per domain over the distill rounds"), ""] if pngs["distill_dev"] else []),
         "## Details", "", details_markdown(res, doms), "",
         img("accuracy", "accuracy per domain"), "",
         "## Verification funnel", "", _funnel_md(funnels), "", img("funnel", "verification funnel"), "",
@@ -179,4 +183,5 @@ def run(ctx) -> dict:
 
 
 # Reads only the artifacts of the stages before it.
-STAGE = Stage("report", run, inputs=("evaluate", "verify", "train", "generate", "merge"))
+STAGE = Stage("report", run, inputs=lambda c: ["evaluate", "verify", "train", "generate", "merge"]
+              + (["distill"] if "distill" in c.stages else []))

@@ -17,7 +17,7 @@ TEACHER = "teacher"
 def row_order(models: Sequence[str], domains: Sequence[str] = ()) -> list[str]:
     """base first, then branches (in domain order), merges, anything else, teacher last
     (otherwise in the order given)."""
-    rank = {"base": 0, "branch": 1, "merge": 2, TEACHER: 4}
+    rank = {"base": 0, "branch": 1, "merge": 2, "merge+distill": 2.5, TEACHER: 4}
     doms = list(domains)
 
     def key(m: str):

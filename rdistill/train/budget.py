@@ -72,11 +72,12 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def branch_key(base_dir: str, sft_file: str, cfg: TrainConfig, device: str) -> str:
-    """What a branch depends on: its SFT set's bytes, its train config, the base's files, the device."""
+def branch_key(base_dir: str, sft_file: str, cfg: TrainConfig, device: str, kd_teacher: str | None = None) -> str:
+    """What a branch depends on: its SFT set's bytes, its train config, the base's files, the device
+    (and the teacher whose logprobs offline KD adds to its loss)."""
     train = {k: v for k, v in to_dict(cfg).items() if k != "mixture_baseline"}  # not about the branch
     return stable_hash({"sft": _sha256(sft_file), "train": train, "base": [base_dir, listing_hash(Path(base_dir))],
-                        "device": device})
+                        "device": device, "kd_teacher": kd_teacher})
 
 
 def reusable(previous: Path, key: str) -> dict | None:

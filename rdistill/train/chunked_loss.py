@@ -85,11 +85,16 @@ def liger_available() -> bool:
 
 
 def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int,
-                kernel: str = "chunked") -> torch.Tensor:
+                kernel: str = "chunked", temperature: float = 1.0, kd: dict | None = None) -> torch.Tensor:
     """Per-token losses (B, T) of `head` over hidden (B, T, H), 0 at IGNORE targets; kernel
-    'liger' returns their sum only (a 0-d tensor: Liger's gradient assumes a scalar loss)."""
+    'liger' returns their sum only (a 0-d tensor: Liger's gradient assumes a scalar loss).
+    temperature t: the losses of logits / t (the head is linear without bias, so h / t).
+    kd {ids, logprobs (B, T, k), weight, temperature}: adds weight * T^2 * the top-k KL
+    (rdistill.train.kd_loss) to each loss token's cross-entropy."""
     if getattr(head, "bias", None) is not None:
         raise ValueError("the chunked loss supports LM heads without bias (set train.loss_chunk_tokens=0)")
+    if temperature != 1.0:
+        hidden = hidden / temperature
     B, T, H = hidden.shape
     h, t = hidden.reshape(B * T, H), targets.reshape(B * T).to(hidden.device)
     if kernel == "liger":
@@ -97,6 +102,13 @@ def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
         return out[0] if isinstance(out, tuple) else out  # some versions also return a z-loss
     idx = (t != IGNORE).nonzero()[:, 0]  # loss positions only: prompts and padding cost nothing
     per = ChunkedLinearCE.apply(h.index_select(0, idx), head.weight, t.index_select(0, idx), max(1, chunk))
+    if kd is not None:
+        from rdistill.train.kd_loss import topk_kl
+        k = kd["ids"].shape[-1]
+        sel = lambda x: x.reshape(B * T, k).to(h.device).index_select(0, idx)  # noqa: E731
+        kl = topk_kl(hidden.reshape(B * T, H).index_select(0, idx), head.weight, sel(kd["ids"]),
+                     sel(kd["logprobs"]), kd["temperature"], max(1, chunk))
+        per = per + kd["weight"] * kd["temperature"] ** 2 * kl
     return torch.zeros(B * T, dtype=per.dtype, device=per.device).index_copy(0, idx, per).view(B, T)
 
 
@@ -109,7 +121,8 @@ def _unsupported(config) -> str | None:
 
 
 @contextmanager
-def head_as_loss(model, targets: torch.Tensor, chunk: int, kernel: str = "chunked"):
+def head_as_loss(model, targets: torch.Tensor, chunk: int, kernel: str = "chunked", temperature: float = 1.0,
+                 kd: dict | None = None):
     """For one call of `model` (an HF causal LM or a DeepSpeed engine around one), its LM head
     returns the loss instead of logits: `out.logits` is then (B, T, 1) per-token losses, or the
     (1, 1, 1) summed loss for Liger."""
@@ -120,7 +133,7 @@ def head_as_loss(model, targets: torch.Tensor, chunk: int, kernel: str = "chunke
     head = hf.get_output_embeddings()
 
     def forward(hidden):
-        out = head_losses(head, hidden, targets, chunk, kernel)
+        out = head_losses(head, hidden, targets, chunk, kernel, temperature, kd)
         return out.view(1, 1, 1) if out.dim() == 0 else out[..., None]
 
     head.forward = forward  # an instance attribute: ZeRO-3's module hooks still fire around it

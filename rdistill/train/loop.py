@@ -59,6 +59,14 @@ class LoopConfig:
     """Folder of the HF snapshots written at train.save_steps."""
     faults: list[dict] = field(default_factory=list)
     """Test hook: kill rank `rank` at step `step` once (`once_file` marks it done)."""
+    objective: str = "sft"
+    """sft: cross-entropy of the targets; policy_gradient: the importance-weighted policy
+    gradient of rows carrying `advantages` and `old_logprobs` (on-policy distillation,
+    rdistill.train.forward.policy_gradient_sum)."""
+    temperature: float = 1.0
+    """policy_gradient: the policy is softmax(logits / temperature) (the sampling temperature)."""
+    clip: float = 0.0
+    """policy_gradient: PPO's ratio clip (0: the plain importance-weighted gradient)."""
 
 
 def ds_config(tc: TrainConfig, bf16: bool) -> dict:
@@ -121,7 +129,7 @@ def train_loop(loop_config: dict) -> None:
     from rdistill.data.packing import PackedRows, step_rows
     from rdistill.data.sft import IGNORE
     from rdistill.train.chunked_loss import liger_available
-    from rdistill.train.forward import loss_sum
+    from rdistill.train.forward import loss_sum, policy_gradient_sum
     from rdistill.train.sequence_parallel import grad_scale, setup_ulysses, shard
 
     ctx = ray.train.get_context()
@@ -187,6 +195,8 @@ def train_loop(loop_config: dict) -> None:
     kernel = "liger" if gpu and chunk and liger_available() else "chunked"
     loss_how = "full logits" if not chunk else "Liger fused" if kernel == "liger" else f"{chunk}-token chunks"
     say(f"loss: {loss_how}, attention {config.attn}, sequence parallel {sp}, {dp_world} data-parallel replica(s)")
+    # offline logit KD: rows that carry the teacher's top-k logprobs (train.kd.weight > 0)
+    kd = {"weight": tc.kd.weight, "temperature": tc.kd.temperature} if tc.kd.weight > 0 else None
     progress = Path(config.progress_file) if config.progress_file and rank == 0 else None
     engine.train()
     for step in range(state["step"], total):
@@ -203,7 +213,10 @@ def train_loop(loop_config: dict) -> None:
             n = (b["targets"] != IGNORE).sum()  # of the whole row: SP slices sum to the row's mean
             if sp > 1:
                 b = shard(b, sp_rank, sp)
-            ls = loss_sum(engine, b, chunk, kernel)
+            if config.objective == "policy_gradient":
+                ls = policy_gradient_sum(engine, b, chunk, config.temperature, config.clip)
+            else:
+                ls = loss_sum(engine, b, chunk, kernel, kd)
             engine.backward(ls * scale / n)
             engine.step()
             lead = float(sp_rank == 0)  # count a group's row once

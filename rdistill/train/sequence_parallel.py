@@ -95,6 +95,7 @@ def shard(batch: dict, rank: int, sp: int) -> dict:
     assert T % sp == 0, f"row length {T} is not a multiple of sequence_parallel_size={sp}"
     n = T // sp
     out = dict(batch)
-    for k in ("input_ids", "position_ids", "targets"):
-        out[k] = batch[k][:, rank * n:(rank + 1) * n]
+    for k in ("input_ids", "position_ids", "targets", "advantages", "old_logprobs", "kd_ids", "kd_logprobs"):
+        if k in batch:
+            out[k] = batch[k][:, rank * n:(rank + 1) * n]
     return out

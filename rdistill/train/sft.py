@@ -105,19 +105,58 @@ class PreparedSFT:
     data_file: Path
     data: dict
     total_steps: int
+    objective: str = "sft"
+    """sft, or policy_gradient for rows with advantages (rdistill.train.loop.LoopConfig)."""
+    temperature: float = 1.0
+    """The policy's temperature (policy_gradient)."""
+    clip: float = 0.0
+    """PPO's ratio clip of the policy-gradient loss (0: none)."""
 
 
 def prepare_sft(model_dir: str, sft_files: list[str], out_dir: str, cfg: TrainConfig, device: str = "cpu",
-                name: str = "sft", storage_dir: str | None = None) -> PreparedSFT:
-    """Everything before training: fails with a one-line SFTDataError on a bad set or student."""
+                name: str = "sft", storage_dir: str | None = None, kd_teacher: str | None = None) -> PreparedSFT:
+    """Everything before training: fails with a one-line SFTDataError on a bad set or student.
+    With train.kd.weight > 0, `kd_teacher`'s top-k logprobs are captured into the rows."""
     storage = Path(storage_dir or tempfile.mkdtemp(prefix="rdistill-train-")).absolute()
     data_file = storage / f"{name}-rows"  # a directory of memory-mapped .npy files
+    if cfg.kd.weight > 0:
+        from rdistill.train.kd import check_kd_teacher
+        check_kd_teacher(kd_teacher or "", model_dir)
     data = prepare_data(model_dir, list(sft_files), cfg, data_file)
+    if cfg.kd.weight > 0:
+        from rdistill.config import EngineConfig
+        from rdistill.train.kd import capture_topk
+        eng = EngineConfig(dtype="float32" if device == "cpu" else "auto", max_model_len=cfg.max_len + 1)
+        data.update(capture_topk(data_file, kd_teacher, cfg.kd, device, eng))
+        log.info("[%s] KD: teacher top-%d logprobs at every loss token (%d bytes per token)", name, cfg.kd.top_k,
+                 data["kd_bytes_per_token"])
     # Ranks of one sequence-parallel group train on the same rows: num_workers / sp replicas.
     per_step = cfg.micro_batch_size * cfg.grad_accum * (cfg.num_workers // cfg.sequence_parallel_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * data["rows"] / per_step))
     return PreparedSFT(str(Path(model_dir).absolute()), out_dir, cfg, device, name, storage, data_file,
                        data, total)
+
+
+def prepare_rows(model_dir: str, rows_dir: str, out_dir: str, cfg: TrainConfig, device: str = "cpu",
+                 name: str = "rows", storage_dir: str | None = None, objective: str = "sft",
+                 temperature: float = 1.0, clip: float = 0.0) -> PreparedSFT:
+    """A job on rows already tokenized and packed (rdistill.data.packing.save_token_rows), e.g.
+    on-policy distillation's sampled completions with their per-token advantages."""
+    from transformers import AutoTokenizer
+
+    from rdistill.data.packing import PackedRows
+    rows = PackedRows(rows_dir)
+    if objective == "policy_gradient" and set(rows.floats) != {"advantages", "old_logprobs"}:
+        raise SFTDataError(f"{rows_dir}: the policy-gradient loss needs the advantages and old_logprobs columns")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    storage = Path(storage_dir or tempfile.mkdtemp(prefix="rdistill-train-")).absolute()
+    n = len(rows)
+    per_step = cfg.micro_batch_size * cfg.grad_accum * (cfg.num_workers // cfg.sequence_parallel_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * n / per_step))
+    data = {"samples": n, "kept": n, "dropped_too_long": 0, "rows": n, "tokens": int(rows.offsets[-1]),
+            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    return PreparedSFT(str(Path(model_dir).absolute()), out_dir, cfg, device, name, storage, Path(rows_dir),
+                       data, total, objective, temperature, clip)
 
 
 def train_sft(model_dir: str, sft_files: list[str], out_dir: str, cfg: TrainConfig, device: str = "cpu",
@@ -153,7 +192,8 @@ def fit_sft(job: PreparedSFT, *, _fault: list | None = None) -> dict:
         device=device, bf16=bf16, attn=_attn(device), pad_id=data["pad_id"], log_every=max(1, total // 20),
         progress_file=str(job.storage / f"{name}-progress.jsonl"), faults=_fault or [],
         snapshot=str(job.storage / name / "checkpoint_manager_snapshot.json"),
-        snapshots=str(job.storage / f"{name}-snapshots"))}
+        snapshots=str(job.storage / f"{name}-snapshots"), objective=job.objective,
+        temperature=job.temperature, clip=job.clip)}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, scaling_config=ScalingConfig(**train_scaling(device, cfg)),
         run_config=RunConfig(name=name, storage_path=str(job.storage), worker_runtime_env=runtime_env(),

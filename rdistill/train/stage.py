@@ -32,9 +32,11 @@ def run(ctx: StageContext) -> dict:
     init_ray(cfg.ray)  # before preparing: tokenizing a large SFT set runs as a Ray Data job
     jobs, reused, keys, tcfg = {}, {}, {}, {}
     sets = {dom: str(ctx.run.stage_dir("verify") / f"{dom}.jsonl") for dom in sorted(cfg.domains)}
+    # offline logit KD (train.kd.weight > 0): the teacher's top-k logprobs captured into the rows
+    kd = ctx.model(cfg.train.kd.teacher or cfg.teacher.model) if cfg.train.kd.weight > 0 else None
     for dom, sft in sets.items():
         tcfg[dom] = branch_train_config(cfg, dom)
-        keys[dom] = budget.branch_key(base, sft, tcfg[dom], cfg.device)
+        keys[dom] = budget.branch_key(base, sft, tcfg[dom], cfg.device, kd_teacher=kd)
         # One domain's set changed: only its branch retrains (and the mixture, whose data changed).
         previous = budget.reusable(ctx.run.stage_dir("train") / dom, keys[dom])
         if previous is not None:
@@ -42,7 +44,8 @@ def run(ctx: StageContext) -> dict:
             reused[dom] = previous
             continue
         jobs[dom] = prepare_sft(base, [sft], str(ctx.out / dom), tcfg[dom],
-                                device=cfg.device, name=f"branch-{dom}", storage_dir=str(ctx.work / dom))
+                                device=cfg.device, name=f"branch-{dom}", storage_dir=str(ctx.work / dom),
+                                kd_teacher=kd)
     # passes over its own set each branch makes (epochs, or what its max_steps amount to)
     reps = {d: r["passes"] for d, r in reused.items()}
     reps.update({d: budget.passes(j.total_steps, j.data["rows"], j.cfg) for d, j in jobs.items()})
@@ -54,7 +57,8 @@ def run(ctx: StageContext) -> dict:
         mixture_reps = budget.write_mixture_set(sets, reps, mix_file, cfg.train.seed)
         jobs[MIXTURE] = prepare_sft(base, [str(mix_file)], str(ctx.out / MIXTURE),
                                     dataclasses.replace(cfg.train, epochs=1.0, max_steps=None),
-                                    device=cfg.device, name=MIXTURE, storage_dir=str(ctx.work / MIXTURE))
+                                    device=cfg.device, name=MIXTURE, storage_dir=str(ctx.work / MIXTURE),
+                                    kd_teacher=kd)
         mix = jobs[MIXTURE]  # one pass to the nearest step (a ceil could add most of a step's rows)
         mix.total_steps = max(1, round(mix.data["rows"] / budget.rows_per_step(mix.cfg)))
     log.info("train: %d student(s) from %s: %s%s", len(jobs), base,
@@ -104,5 +108,6 @@ def run(ctx: StageContext) -> dict:
 
 # The branches (and the mixture baseline) from the student base on the verified SFT sets.
 STAGE = Stage("train", run, reads=("train", "student", "device"), inputs=("verify",),
+              extra=lambda c: {"kd_teacher": c.train.kd.teacher or c.teacher.model} if c.train.kd.weight > 0 else {},
               domains_ignored=("train", "extra_train", "dev", "test", "extra_test", "system_prompt",
                                "instruction_suffix", "eval_samples", "require_correct", "language", "kind"))
