@@ -60,12 +60,12 @@ def kind_of(model: str) -> str:
 
 def model_styles(models: Sequence[str], chosen: str | None = None) -> dict[str, Style]:
     """One colour and one marker per model (the same model looks the same in every plot): a
-    colour of its kind's family, a marker no other model has (up to 14 models; past that the
-    pair still differs)."""
+    colour of its kind's family (the chosen merge gets the merges' first, strongest one) and a
+    marker no other model has, for up to 14 models (the chosen merge: a star)."""
     out: dict[str, Style] = {}
     used = {k: 0 for k in _HUES}
     used["merge"] = int(chosen is not None)  # the family's first, strongest colour is the chosen one's
-    markers = iter(m for m in _MARKERS)
+    markers = iter(_MARKERS)
     for m in models:
         kind = kind_of(m)
         fam = _HUES[kind]
