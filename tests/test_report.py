@@ -4,6 +4,7 @@ plots that load back, the console table jobs/run.py prints, and the analysis not
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,108 @@ def test_distill_section_rows_cost_and_dev_curve(run_dir):
     table = md.split("## Results")[1].split("\n\n")[2]
     rows = [ln.split("|")[1].strip() for ln in table.split("\n") if ln.startswith("| ")][2:]
     assert rows[-2:] == ["merge+distill", "teacher (toy-teacher)"], rows
+
+
+@pytest.fixture
+def full_run(tmp_path):
+    """A run with a real run's 11 models (tests/report_run.py)."""
+    import report_run
+    return report_run.write(tmp_path / "run")
+
+
+def _points(ax) -> dict[str, tuple]:
+    """{model: (colour, marker, size)} of the errorbar artists of one panel."""
+    from matplotlib.container import ErrorbarContainer
+    out = {}
+    for c in ax.containers:
+        assert isinstance(c, ErrorbarContainer)
+        line = c.lines[0]
+        assert line.get_gid() not in out  # one artist per model
+        out[line.get_gid()] = (line.get_color(), line.get_marker(), line.get_markersize())
+    return out
+
+
+def test_accuracy_dot_plot_tells_every_model_apart(full_run):
+    import report_run
+    from rdistill.report import plots
+    t = build_table(report_run.results(), report_run.DOMS)
+    fig = plots.accuracy_figure(t, chosen="merge:search")
+    assert [ax.get_title() for ax in fig.axes] == report_run.DOMS + ["mean"]
+    for ax in fig.axes:  # every panel: one point per model, each its own colour and its own marker
+        pts = _points(ax)
+        assert set(pts) == set(report_run.TABLE)
+        assert len({c for c, _, _ in pts.values()}) == len(pts) and len({m for _, m, _ in pts.values()}) == len(pts)
+        big = {m for m, (_, _, size) in pts.items() if size > 7}
+        assert big == {"merge:search", "mixture"}  # the chosen merge and the mixture stand out
+    # each point at its pass@1 with the standard error as its bar
+    c = next(c for c in fig.axes[0].containers if c.lines[0].get_gid() == "merge:ties")
+    assert c.lines[0].get_xdata()[0] == pytest.approx(90.5)
+    seg = c.lines[2][0].get_segments()[0]
+    assert seg[1][0] - seg[0][0] == pytest.approx(2 * 100 * math.sqrt(0.905 * 0.095 / 200), rel=1e-2)
+    # rows grouped by kind, in this order, top to bottom
+    labels = [tick.get_text() for tick in fig.axes[0].get_yticklabels()]
+    kinds = [plots.kind_of(m) for m in t.rows]
+    assert kinds == sorted(kinds, key=["base", "branch", "merge", "baseline", "teacher"].index)
+    assert labels[-1] == "teacher" and "mixture" in labels
+
+
+def test_loss_plot_draws_every_trained_model_raw_and_smoothed(full_run):
+    import numpy as np
+
+    from rdistill.report import inputs, plots
+    curves = inputs.loss_curves(full_run, ["code", "math", "science"])
+    assert list(curves) == ["branch:code", "branch:math", "branch:science", "mixture"]
+    assert len(curves["mixture"]) == 450 and len(curves["branch:math"]) == 150
+    lines = {line.get_gid(): line for line in plots.loss_figure(curves).axes[0].get_lines()}
+    for m, pts in curves.items():
+        raw, smooth = lines[f"{m} raw"], lines[f"{m} smoothed"]
+        assert list(raw.get_ydata()) == [y for _, y in pts]  # the raw curve is the data itself
+        assert raw.get_alpha() < 0.5 and smooth.get_alpha() in (None, 1) and raw.get_color() == smooth.get_color()
+        y = np.asarray(smooth.get_ydata())  # smoothed: far less step-to-step noise, same level
+        assert np.std(np.diff(y)) < 0.3 * np.std(np.diff(raw.get_ydata()))
+        assert y[-20:].mean() == pytest.approx(np.mean([v for _, v in pts][-20:]), rel=0.2)
+
+
+def test_cost_plot_puts_each_model_at_its_compute(full_run):
+    import report_run
+    from rdistill.report import inputs, plots
+    t = build_table(report_run.results(), report_run.DOMS)
+    compute = inputs.model_compute(full_run, t.rows)
+    branches = 2 * (61.2 + 58.4 + 63.0)  # training time x 2 workers, each
+    assert compute["base"] == 0 and compute["branch:code"] == pytest.approx(2 * 61.2)
+    assert compute["mixture"] == pytest.approx(2 * 180.5)
+    assert compute["merge:fusion"] == pytest.approx(branches + 1.9 + 2.1)
+    assert compute["merge:search"] == pytest.approx(branches + 139.0)
+    assert "teacher" not in compute  # nothing records what the teacher cost
+    ax = plots.cost_figure(t, compute, chosen="merge:search").axes[0]
+    pts = _points(ax)
+    assert set(pts) == set(report_run.TABLE) - {"teacher"}
+    assert len({(c, m) for c, m, _ in pts.values()}) == len(pts)
+    search = next(c for c in ax.containers if c.lines[0].get_gid() == "merge:search").lines[0]
+    assert search.get_ydata()[0] == pytest.approx((97.5 + 97.0 + 87.0) / 3)
+    assert search.get_xdata()[0] == pytest.approx(branches + 139.0)
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_gid() == "teacher"] == \
+        [pytest.approx((100 + 100 + 98.5) / 3)]  # the teacher: a line across
+
+
+def test_compute_reads_a_recorded_compute_s_first(full_run):
+    from rdistill.report.inputs import compute_s, model_compute
+    assert compute_s({"compute_s": 500.0, "train_time_s": 10, "workers": 2}) == 500.0
+    assert compute_s({"train_time_s": 10, "workers": 4}) == 40.0
+    assert compute_s({"seconds": 3.5}) == 3.5 and compute_s({}) is None
+    man = json.loads((full_run / "train" / "manifest.json").read_text())
+    man["result"]["per_branch"]["code"]["compute_s"] = 1000.0
+    (full_run / "train" / "manifest.json").write_text(json.dumps(man))
+    got = model_compute(full_run, ["branch:code", "merge:ties"])
+    assert got["branch:code"] == 1000.0
+    assert got["merge:ties"] == pytest.approx(1000.0 + 2 * (58.4 + 63.0) + 2.2)
+
+
+def test_report_of_a_full_run_has_the_three_plots(full_run, tmp_path):
+    import matplotlib.image as mpimg
+    res = build_report(full_run, tmp_path / "out")
+    assert res["plots"] == ["accuracy", "cost", "funnel", "loss", "sft_tokens"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    for name in ("accuracy", "cost", "loss"):
+        assert f"]({name}.png)" in md
+        assert min(mpimg.imread(tmp_path / "out" / f"{name}.png").shape[:2]) > 300

@@ -75,12 +75,24 @@ def test_the_right_key_passes(auth_client):
 
 def test_models_says_503_until_the_model_has_answered():
     """An ingress whose model never answers (its handle fails) keeps saying "not ready", with
-    an OpenAI-style body, however often it is polled."""
+    an OpenAI-style body, however often it is polled, and logs no error or traceback for it
+    (it did: one traceback per poll, through Ray's error handler)."""
+    import logging
+
     from fastapi.testclient import TestClient
     from ray.llm._internal.serve.core.ingress.ingress import init
+    from ray.llm._internal.serve.utils import server_utils
     from ray.serve.llm.ingress import make_fastapi_ingress
 
     from rdistill.serve.ingress import ingress_class
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
 
     class DeadHandle:
         def options(self, **_):
@@ -92,10 +104,32 @@ def test_models_says_503_until_the_model_has_answered():
     instance = cls({"toy": DeadHandle()}, {"toy": None})
     app.dependency_overrides[route.dependant.dependencies[0].call] = lambda: instance
     c = TestClient(app, raise_server_exceptions=False)
-    for _ in range(3):
-        r = c.get("/v1/models")
-        assert r.status_code == 503 and "loading" in r.json()["error"]["message"], r.text
-    assert c.get("/v1/models/toy").status_code == 503
+    kept = Keep()
+    loggers = [server_utils.logger, logging.getLogger("ray.serve"), logging.getLogger()]
+    for lg in loggers:
+        lg.addHandler(kept)
+    try:
+        for _ in range(3):
+            r = c.get("/v1/models")
+            assert r.status_code == 503 and r.json()["error"] == {
+                "message": "the model is still loading; poll /v1/models until it answers 200",
+                "type": "ServiceUnavailableError", "code": 503}, r.text
+            assert r.headers["retry-after"] == "2"
+        assert c.get("/v1/models/toy").status_code == 503
+    finally:
+        for lg in loggers:
+            lg.removeHandler(kept)
+    noisy = [r for r in kept.records if r.exc_info or r.levelno >= logging.WARNING]
+    assert noisy == [], [r.getMessage() for r in noisy]
+    # the same poll through Ray's error path (a raised 503, as before) does log: the check can fail
+    from rdistill.serve.ingress import _error
+    kept.records.clear()
+    server_utils.logger.addHandler(kept)
+    try:
+        server_utils.get_response_for_error(_error(503, "loading", "ServiceUnavailableError"), "rid")
+    finally:
+        server_utils.logger.removeHandler(kept)
+    assert any(r.exc_info for r in kept.records)
 
 
 def test_llm_config_carries_placement_bounds_and_reasoning_parser(tmp_path):

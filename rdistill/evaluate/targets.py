@@ -37,23 +37,32 @@ def needs_selection(cfg: ExperimentConfig) -> bool:
     return len(cfg.merge.names()) > 1
 
 
-def eval_targets(cfg: ExperimentConfig, resolve) -> list[Target]:
-    """Every model of the run, in table order. `resolve` maps a model reference to a path
-    (StageContext.model)."""
-    out = [Target("base", _student_spec(cfg, "base", resolve("base")))]
-    for d in cfg.domains:
-        out.append(Target(f"branch:{d}", _student_spec(cfg, f"branch:{d}", resolve(f"branch:{d}"))))
+def evaluated_models(cfg: ExperimentConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """Every model the evaluate stage scores, in table order, with the splits it answers: the
+    one list the stage builds its targets from and the dry run prints."""
+    test, dev = ("test",), ("test", "dev") if needs_selection(cfg) else ("test",)
+    out = [("base", test)] + [(f"branch:{d}", test) for d in cfg.domains]
     if cfg.train.mixture_baseline:
-        out.append(Target(MIXTURE, _student_spec(cfg, MIXTURE, resolve(MIXTURE))))
-    dev = ("test", "dev") if needs_selection(cfg) else ("test",)
-    for name in cfg.merge.names():
-        ref = f"merge:{name}"
-        out.append(Target(ref, _student_spec(cfg, ref, resolve(ref)), dev))
+        out.append((MIXTURE, test))
+    out += [(f"merge:{name}", dev) for name in cfg.merge.names()]
     if "distill" in cfg.stages:  # the merge distilled on-policy from the branches
-        out.append(Target(DISTILLED_ROW, _student_spec(cfg, DISTILLED_ROW, resolve(DISTILLED))))
+        out.append((DISTILLED_ROW, test))
     if cfg.eval.include_teacher:
-        t = cfg.teacher
-        model = resolve(t.model) if t.backend == "vllm" else t.model
-        spec = LLMSpec.from_teacher(t, model, cfg.eval.sampling, cfg.device)
-        out.append(Target("teacher", dataclasses.replace(spec, name="teacher", batch_size=cfg.eval.batch_size)))
+        out.append(("teacher", test))
+    return out
+
+
+def eval_targets(cfg: ExperimentConfig, resolve) -> list[Target]:
+    """Every model of the run (`evaluated_models`), with its engine settings. `resolve` maps a
+    model reference to a path (StageContext.model)."""
+    out = []
+    for name, splits in evaluated_models(cfg):
+        if name == "teacher":
+            t = cfg.teacher
+            model = resolve(t.model) if t.backend == "vllm" else t.model
+            spec = LLMSpec.from_teacher(t, model, cfg.eval.sampling, cfg.device)
+            out.append(Target(name, dataclasses.replace(spec, name=name, batch_size=cfg.eval.batch_size), splits))
+        else:
+            ref = DISTILLED if name == DISTILLED_ROW else name
+            out.append(Target(name, _student_spec(cfg, name, resolve(ref)), splits))
     return out

@@ -92,24 +92,74 @@ def sft_lengths(run_dir: str | Path, doms: list[str]) -> dict[str, list[int]]:
     return out
 
 
+def _curve(path: Path) -> list[tuple[float, float]]:
+    pts: list[tuple[float, float]] = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            r = json.loads(line)
+            if r.get("loss") is not None:
+                pts.append((float(r.get("step", i)), float(r["loss"])))
+    return pts
+
+
 def loss_curves(run_dir: str | Path, doms: list[str]) -> dict[str, list[tuple[float, float]]]:
-    """(step, loss) per branch from train/<domain>/metrics.jsonl, else from the train
-    manifest's result["per_branch"][<domain>]["loss_curve"] (a thinned curve)."""
+    """(step, loss) of every trained model, keyed by model reference (`branch:<domain>`, then
+    `mixture` when the run trained it): train/<name>/metrics.jsonl (every optimizer step), else
+    the train manifest's result["per_branch"][<name>]["loss_curve"] (a thinned curve)."""
+    from rdistill.refs import MIXTURE
     out: dict[str, list[tuple[float, float]]] = {}
-    man = (_json(Path(run_dir) / "train" / "manifest.json") or {}).get("result") or {}
-    for d in doms:
-        path = Path(run_dir) / "train" / d / "metrics.jsonl"
-        pts: list[tuple[float, float]] = []
+    per = ((_json(Path(run_dir) / "train" / "manifest.json") or {}).get("result") or {}).get("per_branch") or {}
+    for name, ref in [(d, f"branch:{d}") for d in doms] + [(MIXTURE, MIXTURE)]:
+        path = Path(run_dir) / "train" / name / "metrics.jsonl"
         if path.exists():
-            for i, line in enumerate(path.read_text().splitlines()):
-                if line.strip():
-                    r = json.loads(line)
-                    if r.get("loss") is not None:
-                        pts.append((float(r.get("step", i)), float(r["loss"])))
-        else:
-            src = (man.get("per_branch") or {}).get(d) or {}
-            curve = src.get("loss_curve") or []
-            pts = [(float(p[0]), float(p[1])) if isinstance(p, (list, tuple)) else (float(i), float(p))
-                   for i, p in enumerate(curve)]
-        out[d] = pts
+            out[ref] = _curve(path)
+        elif name in per or name != MIXTURE:  # no mixture in this run: no entry at all
+            curve = (per.get(name) or {}).get("loss_curve") or []
+            out[ref] = [(float(p[0]), float(p[1])) if isinstance(p, (list, tuple)) else (float(i), float(p))
+                        for i, p in enumerate(curve)]
+    return out
+
+
+def compute_s(rec: dict) -> float | None:
+    """Compute one manifest record says it spent, in seconds: its `compute_s` (worker-seconds)
+    when the stage records it; else, for a trained model, its training time times its workers;
+    else its wall seconds (a merge step, the merge search). None when it says nothing."""
+    for k in ("compute_s", "worker_s"):  # worker_s: the train stage's wall time x workers' CPUs/GPUs
+        if isinstance(rec.get(k), (int, float)):
+            return float(rec[k])
+    if isinstance(rec.get("train_time_s"), (int, float)):
+        return float(rec["train_time_s"]) * int(rec.get("workers") or 1)
+    for k in ("wall_s", "seconds"):
+        if isinstance(rec.get(k), (int, float)):
+            return float(rec[k])
+    return None
+
+
+def model_compute(run_dir: str | Path, models: list[str]) -> dict[str, float]:
+    """Compute spent to make each model from the student base (seconds, see `compute_s`): 0 for
+    the base; a branch's or the mixture's training; a merge's, its branches' training plus its
+    own merge steps (the search: its merges and dev scoring). Models the manifests say nothing
+    about (the teacher) are left out."""
+    from rdistill.refs import MIXTURE
+    root = Path(run_dir)
+    train = ((_json(root / "train" / "manifest.json") or {}).get("result") or {}).get("per_branch") or {}
+    merge = (_json(root / "merge" / "manifest.json") or {}).get("result") or {}
+    trained = {name: compute_s(rec) for name, rec in train.items() if isinstance(rec, dict)}
+    branches = [v for name, v in trained.items() if name != MIXTURE]
+    all_branches = sum(branches) if branches and None not in branches else None
+    out: dict[str, float] = {}
+    for m in models:
+        kind, _, name = m.partition(":")
+        got: float | None = None
+        if m == "base":
+            got = 0.0
+        elif kind == "branch" or m == MIXTURE:
+            got = trained.get(name or m)
+        elif kind == "merge" and all_branches is not None:
+            steps = (merge.get("candidates") or {}).get(name)
+            own = [compute_s(s) for s in steps.values()] if steps else \
+                [compute_s(merge["search"])] if name == "search" and isinstance(merge.get("search"), dict) else [None]
+            got = None if None in own else all_branches + sum(own)
+        if got is not None:
+            out[m] = got
     return out

@@ -1,6 +1,7 @@
 """The report stage: report/report.md with the TinyR1-style table, the merge choice, whether the
 method held (merge beats base, keeps the branches' gains), the verify funnels, SFT token lengths,
-branch loss curves and an accuracy chart (PNG files next to it).
+the training loss of every trained model, an accuracy dot plot and cost against accuracy (PNG
+files next to it).
 
 `build_report(run_dir, out)` does the work from a run directory alone, so the notebook and tests
 use it without the pipeline; `table_from_report(path)` gives back the console table that
@@ -126,11 +127,14 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
     funnels = inputs.funnels(run_dir)
     lengths = inputs.sft_lengths(run_dir, doms)
     curves = inputs.loss_curves(run_dir, doms)
+    compute = inputs.model_compute(run_dir, t.rows)
+    styles = plots.model_styles(list(dict.fromkeys([*t.rows, *curves])), merged)  # a model looks alike in every plot
     pngs = {
-        "accuracy": plots.accuracy_bars(t, out / "accuracy.png"),
+        "accuracy": plots.accuracy_dots(t, out / "accuracy.png", merged, styles),
+        "cost": plots.cost_accuracy(t, compute, out / "cost.png", merged, styles),
         "funnel": plots.funnel_bars(funnels, out / "funnel.png"),
         "sft_tokens": plots.token_histograms(lengths, out / "sft_tokens.png"),
-        "loss": plots.loss_curves(curves, out / "loss.png"),
+        "loss": plots.loss_curves(curves, out / "loss.png", styles),
     }
     distill_md, pngs["distill_dev"] = distill_markdown(run_dir, res, doms, merged, out)
     n = sorted({r["n_samples"] for r in res})
@@ -157,11 +161,13 @@ def build_report(run_dir: str | Path, out: str | Path) -> dict:
         "## SFT data: completion lengths", "",
         " ".join(f"{d}: {len(v)} samples." for d, v in lengths.items()) or "(no SFT sets found)", "",
         img("sft_tokens", "completion token lengths of the kept SFT samples"), "",
-        "## Branch training", "", img("loss", "branch training loss"), "",
+        "## Training loss", "", img("loss", "training loss of the branches and the mixture baseline"), "",
         "## Cost", "", cost_markdown(run_dir, doms), "",
+        "Compute to make each model from the student base (training; for a merge, its branches' training "
+        "plus its merge) against its mean pass@1:", "", img("cost", "cost against accuracy"), "",
     ]
     (out / "report.md").write_text("\n".join(md))
-    return {"table": text, "rows": len(t.rows), "domains": len(doms), "merged": merged,
+    return {"table": text, "rows": len(t.rows), "domains": len(doms), "merged": merged, "compute_s": compute,
             "plots": sorted(k for k, v in pngs.items() if v),
             "method": verdict.to_dict() if verdict else None, "cost": cost_summary(run_dir)}
 

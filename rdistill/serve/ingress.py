@@ -21,13 +21,24 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (ChatCompleti
                                                                     OpenAIHTTPException)
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.serve.llm.ingress import OpenAiIngress
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from rdistill.serve.warmup import Readiness, drain, warmup_request
 
 
 def _error(status: int, message: str, kind: str) -> OpenAIHTTPException:
     return OpenAIHTTPException(status_code=status, message=message, type=kind, internal_message=message)
+
+
+LOADING = "the model is still loading; poll /v1/models until it answers 200"
+
+
+def _loading() -> JSONResponse:
+    """The 503 of a model still loading, returned rather than raised: it is an answer, not a
+    failure, so Ray's error path (which logs every raised error with its traceback, once per
+    poll) never sees it; Serve's access log still has its one line (`GET /v1/models 503`)."""
+    return JSONResponse({"error": {"message": LOADING, "type": "ServiceUnavailableError", "code": 503}},
+                        status_code=503, headers={"Retry-After": "2"})
 
 
 async def _messages_must_be_a_list(request: Request) -> None:
@@ -64,14 +75,12 @@ class RdistillIngress(OpenAiIngress):
 
     async def models(self):
         if not self._ready():
-            raise _error(503, "the model is still loading; poll /v1/models until it answers 200",
-                         "ServiceUnavailableError")
+            return _loading()
         return await super().models()
 
     async def model_data(self, model: str):
         if not self._ready():
-            raise _error(503, "the model is still loading; poll /v1/models until it answers 200",
-                         "ServiceUnavailableError")
+            return _loading()
         return await super().model_data(model)
 
     async def _get_model_id(self, model: Optional[str]) -> str:
