@@ -53,6 +53,20 @@ def test_rerun_skips_and_config_change_reruns_only_downstream(tmp_path, fake_sta
     assert fake_stages == ["train", "merge", "evaluate", "report"]
 
 
+def test_distill_sits_between_merge_and_evaluate(tmp_path, fake_stages):
+    stages = "stages=[toy,generate,verify,train,merge,distill,evaluate,report]"
+    pipeline.run_pipeline(load([stages, f"run_dir={tmp_path}"]))
+    run = RunDir(tmp_path)
+    assert set(run.manifest("distill")["inputs"]) == {"train", "merge", "toy"}
+    assert "distill" in run.manifest("evaluate")["inputs"] and "distill" in run.manifest("report")["inputs"]
+    fake_stages.clear()
+    pipeline.run_pipeline(load([stages, f"run_dir={tmp_path}", "distill.lr=0.001"]))
+    assert fake_stages == ["distill", "evaluate", "report"]
+    # a teacher from outside the run: distill no longer waits for the branches
+    cfg = load([stages, f"run_dir={tmp_path}", *(f"+distill.teachers.{d}=toy:teacher" for d in ("math", "code", "science"))])
+    assert pipeline.SPECS["distill"].input_stages(cfg) == ["toy", "merge"]
+
+
 def test_force_reruns_a_stage_and_its_dependents(tmp_path, fake_stages):
     cfg = load([STAGES, f"run_dir={tmp_path}"])
     pipeline.run_pipeline(cfg)
