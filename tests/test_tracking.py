@@ -253,9 +253,10 @@ def _fake_world(monkeypatch, fail: dict):
         _dump(ctx.out / "selection.json", {"candidate": "fusion", "path": "merge/fusion/final"})
         return {"models": 4, "samples": 480, "chosen_merge": "fusion"}
 
-    def prepare(base, sets, out_dir, cfg, device, name, storage_dir):
+    def prepare(base, sets, out_dir, cfg, device, name, storage_dir, **kw):
         return PreparedSFT(base, out_dir, cfg, device, name, Path(storage_dir), Path(storage_dir) / "rows.npz",
-                           {"kept": 30, "samples": 30, "rows": 10, "dropped_too_long": 0, "pad_id": 0}, N_STEPS)
+                           {"kept": 30, "samples": 30, "rows": 10, "tokens": 3000, "dropped_too_long": 0,
+                            "pad_id": 0}, N_STEPS)
 
     def fit(job):
         prog = job.storage / f"{job.name}-progress.jsonl"
@@ -280,7 +281,8 @@ def _fake_world(monkeypatch, fail: dict):
         out.mkdir(parents=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n"
                                                    for s in range(1, N_STEPS + 1)))
-        return {"steps": N_STEPS, "first_loss": 3.0, "final_loss": 0.25, "tokens_per_s": 1234.5,
+        return {"steps": N_STEPS, "total_steps": job.total_steps, "rows": 10, "tokens": 3000, "wall_s": 1.5,
+                "first_loss": 3.0, "final_loss": 0.25, "tokens_per_s": 1234.5,
                 "padding_share": 0.17, "loss_curve": [[1, 3.0], [N_STEPS, 0.25]]}
 
     def run_step(step, dest, resolve, opts, say):
@@ -376,7 +378,9 @@ def test_mlflow_server_gets_one_parent_run_with_nested_stage_runs(tmp_path, monk
     assert parent.info.status == "FINISHED" and {r.info.status for r in stages.values()} == {"FINISHED"}
     train, merge, ev = stages["train"], stages["merge"], stages["evaluate"]
     assert train.info.run_id == failed["train"].run_id  # the resumed stage continued its run
-    assert train.data.params["train.max_steps"] == str(load(args).train.max_steps)
+    # the train section as flat params, JSON-encoded (the toy's budget is epochs; max_steps is unset)
+    assert train.data.params["train.epochs"] == json.dumps(load(args).train.epochs)
+    assert train.data.params["train.max_steps"] == json.dumps(load(args).train.max_steps) == "null"
     assert stages["verify"].data.metrics["funnel/science/kept"] == 30
     assert stages["generate"].data.metrics["completion_tokens_per_s"] == 150.0
     branches = kids(train.info.run_id)
