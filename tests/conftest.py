@@ -77,10 +77,11 @@ class RayHead:
         return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head():
-    """A head node of our own (4 logical CPUs), stopped by its process group id (never `ray stop`,
-    which would stop every Ray on the machine). Shared by every test that submits jobs."""
+    """A head node of our own (8 logical CPUs, what a CPU-only node running the pipeline needs),
+    stopped by its process group id (never `ray stop`, which would stop every Ray on the machine).
+    One per module: a cluster left running would be joined by any later bare `ray.init()`."""
     gcs, dash = free_port(), free_port()
     # Ports of our own for every per-node agent: the defaults (e.g. the dashboard agent's 52365)
     # are taken by any other Ray on this machine, such as the test session's cluster, and a head

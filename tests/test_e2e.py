@@ -1,5 +1,5 @@
 """The whole method end to end, as users run it: `ray job submit --working-dir . -- python jobs/run.py`
-on a `ray start --head` cluster (the session's `ray_head`), the toy world through real vLLM, Ray
+on a `ray start --head` cluster (conftest's `ray_head`), the toy world through real vLLM, Ray
 Data, Ray Train + DeepSpeed, the merge, evaluation and report (smaller than the default run so that
 CI stays short), then serving the merge on the cluster and one question to it; then, on this
 machine with a plain `python jobs/run.py`, a rerun that skips every stage. (That a changed config

@@ -1,6 +1,6 @@
 """The documented entry point, as users run it: `ray job submit --working-dir . -- python jobs/run.py`
-against a cluster started with `ray start --head` on loopback (the session's `ray_head`, which the
-end-to-end test in test_e2e.py submits the whole pipeline to as well)."""
+against a cluster started with `ray start --head` on loopback (conftest's `ray_head`; test_e2e.py
+submits the whole pipeline to one too)."""
 
 from __future__ import annotations
 
