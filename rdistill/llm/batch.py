@@ -156,8 +156,8 @@ def _http_processor(spec: LLMSpec):
         headers={"Authorization": f"Bearer {key}"} if key else None,
         batch_size=spec.batch_size, concurrency=spec.replicas, max_retries=spec.max_retries,
         base_retry_wait_time_in_s=spec.retry_wait_s, session_factory=SessionFactory(spec.timeout_s),
-        runtime_env=runtime_env(),
-        http_request_stage={"num_cpus": LIGHT_CPU})
+        # the HTTP processor has no runtime_env of its own: its one actor stage carries it
+        http_request_stage={"num_cpus": LIGHT_CPU, "runtime_env": runtime_env()})
     proc = build_processor(cfg, preprocess=_preprocess(spec), preprocess_map_kwargs={"num_cpus": LIGHT_CPU},
                            postprocess_map_kwargs={"num_cpus": LIGHT_CPU})
     stage = proc.get_stage_by_name("HttpRequestStage")
