@@ -1,5 +1,6 @@
 """The whole method end to end, as users run it: `ray job submit --working-dir . -- python jobs/run.py`
-on a `ray start --head` cluster (conftest's `ray_head`), the toy world through real vLLM, Ray
+on a `ray start --head` cluster (conftest's `ray_head`; a dry run and an engine that cannot start
+are submitted to the same head below), the toy world through real vLLM, Ray
 Data, Ray Train + DeepSpeed, the merge, evaluation and report (smaller than the default run so that
 CI stays short), then serving the merge on the cluster and one question to it; then, on this
 machine with a plain `python jobs/run.py`, a rerun that skips every stage. (That a changed config
@@ -122,3 +123,30 @@ def test_default_pipeline_submitted_to_a_cluster_end_to_end_then_rerun_skips(ray
     assert p2.returncode == 0, p2.stderr[-3000:]
     for stage in STAGES:
         assert f"== {stage}: current, skipped" in p2.stderr
+
+
+# On the same head (one `ray start --head` per module, so CI pays for one): a dry run, and an
+# engine that cannot start.
+def test_job_submit_dry_run(ray_head, tmp_path):
+    p = ray_head.submit("dry_run=true", f"run_dir={tmp_path}/dry")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "rdistill plan: run 'toy'" in p.stdout and "[train]" in p.stdout
+    assert "cluster at" in p.stdout  # the job's driver saw RAY_ADDRESS and planned against the cluster
+
+
+def test_job_submit_engine_that_cannot_start_is_one_line(ray_head, tmp_path):
+    """An engine asked for more memory than its node has: the job ends in one line naming the
+    setting (not Ray's ActorDiedError), and no traceback reaches the job's console."""
+    p = ray_head.submit(f"run_dir={tmp_path}/run", "stages=[toy,generate]", "toy.n_train=4",
+                        "teacher.engine.cpu_kvcache_gib=1000")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    # (ray job submit repeats the job's last lines when it fails: the same line twice)
+    errors = sorted({l for l in out.splitlines() if l.startswith("error: ")})
+    assert len(errors) == 1, out[-3000:]
+    assert "1000 GiB KV cache" in errors[0] and "teacher.engine.cpu_kvcache_gib" in errors[0], errors
+    assert "Traceback" not in out and "ActorDiedError" not in out, out[-3000:]
+    # the engine's own traceback is kept, in the run's logs
+    logs = "".join(f.read_text() for f in (tmp_path / "run" / "logs").glob("*.log"))
+    assert "requested memory for kv" in logs
+    assert json.loads((tmp_path / "run" / "toy" / "manifest.json").read_text())["stage"] == "toy"
