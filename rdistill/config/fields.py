@@ -18,8 +18,9 @@ DTYPES = ["bfloat16", "float16", "float32"]
 ENGINE_DTYPES = DTYPES + ["auto"]
 """Dtypes an inference engine loads weights in (auto: the checkpoint's)."""
 MERGE_METHODS = ["arcee_fusion", "ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp",
-                 "model_stock"]
-"""Merge methods, mergekit's names (rdistill.merge.methods.METHODS implements exactly these)."""
+                 "model_stock", "regmean", "regmean_plusplus"]
+"""Merge methods, mergekit's names (rdistill.merge.methods.METHODS implements exactly these);
+regmean and regmean_plusplus are fusion-bench's."""
 
 
 def shared_fields(source: Any, target_cls: type, **given: Any) -> Any:

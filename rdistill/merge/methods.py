@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rdistill.config.fields import MERGE_METHODS
+from rdistill.merge.regmean import regmean_tensor
 
 QUANTILE_SAMPLE = 1_000_000  # arcee_fusion: quantiles from a 1e6-element sample, as mergekit does
 
@@ -34,6 +35,9 @@ class MethodSpec:
     """Shared parameters and defaults (None: required)."""
     per_model: dict = field(default_factory=dict)
     """Per-model parameters and defaults (None: required)."""
+    stats: Optional[str] = None
+    """regmean | regmean_plusplus: the method reads input statistics collected before the merge
+    (rdistill.merge.stats), each model on its domain's data."""
 
 
 # ---------------------------------------------------------------- sparsification (TIES, DARE)
@@ -278,6 +282,11 @@ METHODS: dict[str, MethodSpec] = {
     "slerp": MethodSpec(slerp, base="required", min_models=1, max_models=1, shared={"t": None}),
     "model_stock": MethodSpec(model_stock, base="required", min_models=2, shared={"filter_wise": False}),
     "arcee_fusion": MethodSpec(arcee_fusion, base="required", min_models=1, max_models=1),
+    # fusion-bench's RegMean and RegMean++ (alpha 0.95, its default), a coefficient per model
+    "regmean": MethodSpec(regmean_tensor, base="ignored", shared={"reduce_non_diagonal_ratio": 0.95},
+                          per_model={"weight": 1.0}, stats="regmean"),
+    "regmean_plusplus": MethodSpec(regmean_tensor, base="ignored", shared={"reduce_non_diagonal_ratio": 0.95},
+                                   per_model={"weight": 1.0}, stats="regmean_plusplus"),
 }
 # The registry implements exactly the methods the configs allow (one list: config.fields).
 assert sorted(METHODS) == sorted(MERGE_METHODS), "merge methods: registry and config disagree"

@@ -2,9 +2,10 @@
 recipes drawn from the configured space, and successive halving over dev prompts.
 
 Candidates: Arcee Fusion chains in every order of the branches (the reference recipe picked one
-order by hand), linear and model_stock, then seeded draws of task arithmetic, TIES and DARE-TIES
-with per-branch weights, densities and a scaling lambda from the configured values, up to the
-budget. Successive halving: every candidate is scored on the first `first_prompts` dev prompts
+order by hand), linear, model_stock, RegMean and RegMean++ with equal coefficients, then seeded
+draws of task arithmetic, TIES, DARE-TIES, RegMean and RegMean++ with per-branch weights (for
+RegMean a coefficient on each branch's Gram matrices), densities, a scaling lambda and RegMean's
+alpha from the configured values, up to the budget. Successive halving: every candidate is scored on the first `first_prompts` dev prompts
 of each domain; the best 1/eta go on to eta times as many prompts, and so on until the survivors
 have seen the whole dev split; the best of the last rung is the search's choice. A candidate
 below the student base on any domain (`floor=base`, on the same prompts) is never chosen.
@@ -80,9 +81,13 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
         add("linear (equal weights)", [_step("final", "linear", None, [(b, {"weight": 1.0}) for b in branches], {})])
     if "model_stock" in sc.methods and len(domains) >= 2:
         add("model_stock", [_step("final", "model_stock", "base", [(b, {}) for b in branches], {})])
-    weighted = [m for m in ("task_arithmetic", "ties", "dare_ties") if m in sc.methods]
+    for m in STATS_METHODS:
+        if m in sc.methods:
+            ws = [1.0] * len(domains)
+            add(_label(m, ws, sc.ratios[0], 1.0), _weighted(m, branches, ws, sc.ratios[0], 1.0))
+    weighted = [m for m in WEIGHTED if m in sc.methods]
     for w in sc.weights:  # the uniform settings first: the obvious baselines of each method
-        for m in weighted:
+        for m in (m for m in weighted if m not in STATS_METHODS):  # (RegMean's: above)
             ws = [w] * len(domains)
             dens = 0.5 if 0.5 in sc.densities else sc.densities[0]
             lam = 1.0 if 1.0 in sc.lambdas else sc.lambdas[0]
@@ -93,23 +98,37 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
         tries += 1
         m = rng.choice(weighted)
         ws = [rng.choice(sc.weights) for _ in domains]
-        dens = rng.choice(sc.densities) if m != "task_arithmetic" else 0.5
-        lam = rng.choice(sc.lambdas) if m != "task_arithmetic" else 1.0
+        if m in STATS_METHODS:  # the density slot carries RegMean's alpha
+            dens, lam = rng.choice(sc.ratios), 1.0
+        else:
+            dens = rng.choice(sc.densities) if m != "task_arithmetic" else 0.5
+            lam = rng.choice(sc.lambdas) if m != "task_arithmetic" else 1.0
         add(_label(m, ws, dens, lam), _weighted(m, branches, ws, dens, lam))
     return out
 
 
+STATS_METHODS = ("regmean", "regmean_plusplus")
+WEIGHTED = ("task_arithmetic", "ties", "dare_ties") + STATS_METHODS
+"""Methods with per-branch weights (drawn, and stepped by the refinement)."""
+
+
 def _label(method: str, ws: list[float], density: float, lam: float) -> str:
-    """The recipe in words, and the key that tells recipes apart: TIES and DARE-TIES normalize
-    by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1)."""
+    """The recipe in words, and the key that tells recipes apart: TIES, DARE-TIES and RegMean
+    normalize by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1). For
+    RegMean `density` is its alpha."""
     if method != "task_arithmetic":
         top = max(ws)
         ws = [round(w / top, 3) for w in ws]
     s = f"{method} w=" + "/".join(f"{w:g}" for w in ws)
+    if method in STATS_METHODS:
+        return s + f" alpha={density:g}"
     return s if method == "task_arithmetic" else s + f" density={density:g} lambda={lam:g}"
 
 
 def _weighted(method: str, branches: list[str], ws: list[float], density: float, lam: float) -> list[dict]:
+    if method in STATS_METHODS:  # no base: the closed form on the branches (alpha in `density`)
+        return [_step("final", method, None, [(b, {"weight": w}) for b, w in zip(branches, ws)],
+                      {"reduce_non_diagonal_ratio": density})]
     if method == "task_arithmetic":
         return [_step("final", method, "base", [(b, {"weight": w}) for b, w in zip(branches, ws)], {})]
     return [_step("final", method, "base", [(b, {"weight": w, "density": density}) for b, w in zip(branches, ws)],
@@ -117,11 +136,14 @@ def _weighted(method: str, branches: list[str], ws: list[float], density: float,
 
 
 def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, float]]:
-    """(method, per-branch weights, density, lambda) of a one-step weighted candidate, else None."""
-    if len(c.steps) != 1 or c.steps[0]["merge_method"] not in ("task_arithmetic", "ties", "dare_ties"):
+    """(method, per-branch weights, density (RegMean: alpha), lambda) of a one-step weighted
+    candidate, else None."""
+    if len(c.steps) != 1 or c.steps[0]["merge_method"] not in WEIGHTED:
         return None
     s = c.steps[0]
     ps = [m["parameters"] for m in s["models"]]
+    if s["merge_method"] in STATS_METHODS:
+        return s["merge_method"], [p["weight"] for p in ps], s["parameters"]["reduce_non_diagonal_ratio"], 1.0
     return (s["merge_method"], [p["weight"] for p in ps], ps[0].get("density", 0.5),
             s["parameters"].get("lambda", 1.0))
 
