@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -38,30 +38,31 @@ class StatsError(RdistillError):
     """Statistics that cannot be used: missing, of the wrong shape, or singular."""
 
 
-def reduce_non_diagonal(g: torch.Tensor, ratio: float) -> torch.Tensor:
-    """G with off-diagonal entries times `ratio`, the diagonal unchanged (fusion-bench's
-    reduce_non_diagonal_elements): ratio G + (1 - ratio) diag(G)."""
-    out = g * ratio
-    out.diagonal().copy_(g.diagonal())
-    return out
-
-
-def solve(weights: list[torch.Tensor], grams: list[torch.Tensor], ratio: float,
+def solve(weights: list[torch.Tensor], grams: Iterable[torch.Tensor], ratio: float,
           coefs: Optional[list[float]] = None, name: str = "") -> torch.Tensor:
     """The merged (out, in) weight, in float64: Cholesky of the summed Grams (symmetric,
-    positive definite unless an input feature is never active), LU when that fails."""
+    positive definite unless an input feature is never active), LU when that fails. `grams`
+    may be a generator: one model's matrix is in memory at a time (a 32B student's down
+    projection has 27648 inputs, 3 GB per matrix in float32), so the peak is about 20 in^2
+    bytes whatever the number of models."""
     dev = weights[0].device
     coefs = coefs or [1.0] * len(weights)
-    a = torch.zeros(grams[0].shape, dtype=torch.float64, device=dev)
-    b = torch.zeros((weights[0].shape[1], weights[0].shape[0]), dtype=torch.float64, device=dev)
+    n = weights[0].shape[1]
+    a = torch.zeros((n, n), dtype=torch.float64, device=dev)
+    b = torch.zeros((n, weights[0].shape[0]), dtype=torch.float64, device=dev)
     for w, g, c in zip(weights, grams, coefs):
-        gr = reduce_non_diagonal(g.to(device=dev, dtype=torch.float64), ratio).mul_(c)
+        gr = g.to(device=dev, dtype=torch.float64)
+        del g
+        diag = gr.diagonal().clone()
+        gr.mul_(ratio * c).diagonal().copy_(diag.mul_(c))  # c (ratio G + (1 - ratio) diag G)
         a += gr
-        b += gr @ w.to(torch.float64).T
+        b.addmm_(gr, w.to(torch.float64).T)
         del gr
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
+        del a
         return torch.cholesky_solve(b, chol).T
+    del chol
     out = torch.linalg.solve_ex(a, b)
     if int(out.info) != 0 or not bool(torch.isfinite(out.result).all()):
         raise StatsError(f"regmean: the summed Gram matrices of {name or 'a layer'} are singular (an input "
@@ -123,14 +124,17 @@ def regmean_tensor(xs, shared, per, gens, name):
     if module and not folders:
         raise StatsError(f"regmean: no input statistics for {name} (the executor collects them: "
                          "rdistill.merge.stats.ensure)")
-    grams = [read_gram(f, module) for f in folders] if module else [None]
-    if any(g is None for g in grams):
+    if not module or any(gram_entry(f, module) is None for f in folders):
         return weighted_mean(xs, coefs)
-    for g, f in zip(grams, folders):
-        if g.shape != (xs[0].shape[1], xs[0].shape[1]):
-            raise StatsError(f"regmean statistics {f}: the Gram of {module} is {tuple(g.shape)}, its weight "
-                             f"{name} has {xs[0].shape[1]} inputs; delete the folder to collect them again")
-    return solve(xs, grams, float(shared["reduce_non_diagonal_ratio"]), coefs, name)
+
+    def grams():
+        for f in folders:
+            g = read_gram(f, module)
+            if g.shape != (xs[0].shape[1], xs[0].shape[1]):
+                raise StatsError(f"regmean statistics {f}: the Gram of {module} is {tuple(g.shape)}, its weight "
+                                 f"{name} has {xs[0].shape[1]} inputs; delete the folder to collect them again")
+            yield g
+    return solve(xs, grams(), float(shared["reduce_non_diagonal_ratio"]), coefs, name)
 
 
 def forget_open_files() -> None:
