@@ -8,7 +8,10 @@ project's own interpreter with that folder first on PYTHONPATH then imports fusi
 the project's torch, transformers and hydra (no second torch to install). `run_oracle(jobs)`
 runs this file as that subprocess: for each job it loads the base and the models' safetensors,
 builds modules with those exact tensor names, runs fusion-bench's algorithm class (its `run`, the
-code path its own CLI takes) on a BaseModelPool of them, and writes the merged state dict.
+code path its own CLI takes) on a BaseModelPool of them, and writes the merged state dict. Iso-C
+and Iso-CTS with per-model weights (fusion-bench has none) call the merge function that class
+calls on the weighted task vectors. Everything runs on the CPU, one torch thread (like a merge
+task on 2 cores, so LAPACK reduces in the same order: the top-k selections amplify rounding).
 """
 
 from __future__ import annotations
@@ -91,10 +94,19 @@ def _merge(job: dict) -> None:
         # its alpha: a list scales each task vector before the SVDs, a number the merged one
         assert all(w == 1 for w in weights) or lam == 1, "fusion-bench takes either per-model alphas or one"
         algo = TaskSingularVectorMerging(alpha=list(weights) if any(w != 1 for w in weights) else float(lam))
+    elif any(w != 1 for w in weights):
+        # Iso has no per-model weights in fusion-bench: its merge function (what the class's run
+        # calls) on the scaled task vectors, then the class's base + scaling_factor * merged
+        from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+        from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
+        tvs = [state_dict_mul(state_dict_sub(m, base), w) for m, w in zip(models, weights)]
+        merged = iso_c(tvs, accelerator="cpu") if method == "iso_c" else \
+            iso_cts(tvs, common_space_fraction=job.get("common_space_fraction", 0.8), accelerator="cpu")
+        out = state_dict_add(base, state_dict_mul(merged, lam))
+        save_file({k: v.contiguous() for k, v in out.items()}, job["out"])
+        return
     else:
         from fusion_bench.method.isotropic_merging import ISO_C_Merge, ISO_CTS_Merge
-        # Iso has no per-model weights in fusion-bench: give it the models whose task vectors are scaled
-        models = [{k: base[k] + w * (m[k] - base[k]) for k in base} if w != 1 else m for m, w in zip(models, weights)]
         algo = ISO_C_Merge(scaling_factor=lam) if method == "iso_c" else \
             ISO_CTS_Merge(scaling_factor=lam, common_space_fraction=job.get("common_space_fraction", 0.8))
     pool = BaseModelPool({"_pretrained_": _module(base), **{f"m{i}": _module(m) for i, m in enumerate(models)}})

@@ -434,3 +434,21 @@ def test_search_draws_regmean_with_alpha_and_per_branch_coefficients():
                                        "regmean w=0.667/1/0.667 alpha=0.95", "regmean w=1/0.5/1 alpha=0.95",
                                        "regmean w=0.667/0.667/1 alpha=0.95", "regmean w=1/1/0.5 alpha=0.95"]
     assert all(c.steps[0]["parameters"] == {"reduce_non_diagonal_ratio": 0.95} for c in near)
+
+
+def test_search_recipe_of_a_regmean_choice_rebuilds_with_jobs_merge(world, tmp_path):
+    """The chosen recipe's YAML names each branch's data and the sampling, so `jobs/merge.py
+    recipe.yaml OUT` needs nothing from the stage."""
+    from rdistill.merge.plan import load_plan
+    from rdistill.merge.search import Candidate, _weighted
+    from rdistill.merge.search_run import write_recipe_yaml
+    doms = ["math", "code", "science"]
+    c = Candidate("c08", "regmean", _weighted("regmean", [f"branch:{d}" for d in doms], [1.0, 0.5, 1.0], 0.9, 1.0))
+    paths = dict(zip(doms, world["models"]))
+    datas = dict(zip(doms, world["data"]))
+    write_recipe_yaml(c, lambda r: str(paths[r.split(":")[1]]), tmp_path / "recipe.yaml",
+                      lambda r: str(datas[r.split(":")[1]]), MergeStatsConfig(**STATS))
+    (step,) = load_plan(tmp_path / "recipe.yaml")
+    assert [(m.model, m.data, m.parameters) for m in step.models] == \
+        [(str(paths[d]), str(datas[d]), {"weight": w}) for d, w in zip(doms, (1.0, 0.5, 1.0))]
+    assert step.stats == MergeStatsConfig(**STATS) and step.parameters == {"reduce_non_diagonal_ratio": 0.9}

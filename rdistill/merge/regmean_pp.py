@@ -121,7 +121,8 @@ def collect_plusplus(step, model_dirs: list[str], data_paths: list[str], setting
                 scratch = copy.deepcopy(layer)
                 own = dict(scratch.named_parameters())
                 for n in names:
-                    own[n[len(lp):]].copy_(read(i, n))
+                    if n[len(lp):] in own:  # (a buffer saved with the weights is the same in every model)
+                        own[n[len(lp):]].copy_(read(i, n))
                 hooks = GramHooks(linear_modules(scratch, {x[len(lp):] for x in names}))
                 for (h, kws), (_, mask) in zip(dom["inputs"], dom["data"]):
                     hooks.mask = mask
@@ -133,7 +134,7 @@ def collect_plusplus(step, model_dirs: list[str], data_paths: list[str], setting
                 writers[i].add(g)
                 grams.append(g)
                 del scratch
-            for n in names:
+            for n in (n for n in names if n in params):
                 ratio, coefs = _params(step, n, n_layers)
                 xs = [read(i, n) for i in range(len(domains))]
                 mod = module_of(n)
