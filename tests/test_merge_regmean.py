@@ -452,3 +452,23 @@ def test_search_recipe_of_a_regmean_choice_rebuilds_with_jobs_merge(world, tmp_p
     assert [(m.model, m.data, m.parameters) for m in step.models] == \
         [(str(paths[d]), str(datas[d]), {"weight": w}) for d, w in zip(doms, (1.0, 0.5, 1.0))]
     assert step.stats == MergeStatsConfig(**STATS) and step.parameters == {"reduce_non_diagonal_ratio": 0.9}
+
+
+def test_preflight_refuses_regmean_without_domain_data_before_the_run(world, tmp_path):
+    """In the pipeline a branch is measured on its verified SFT set; another model without `data`
+    (or with data that is not there) stops the run before its first stage."""
+    from rdistill.cli.compose import load
+    from rdistill.preflight import PreflightError, check_merge_data
+    branches = "{model: 'branch:math'}, {model: 'branch:code'}"
+    ok = load([f"run_dir={tmp_path}/run", "merge.candidates.0.steps.0.merge_method=regmean",
+               "merge.candidates.0.steps.0.base_model=null", f"merge.candidates.0.steps.0.models=[{branches}]"])
+    check_merge_data(ok)
+    bad = load([f"run_dir={tmp_path}/run", "merge.candidates.0.steps.0.merge_method=regmean",
+                f"merge.candidates.0.steps.0.models=[{branches}, {{model: {world['models'][0]}}}]"])
+    with pytest.raises(PreflightError, match=r"models\[2\]: regmean needs domain data for model .*v0: set its data"):
+        check_merge_data(bad)
+    bad.merge.candidates[0].steps[0].models[2].data = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(PreflightError, match=r"models\[2\].data=.*nowhere.jsonl: no such file"):
+        check_merge_data(bad)
+    bad.merge.candidates[0].steps[0].models[2].data = str(world["data"][0])
+    check_merge_data(bad)

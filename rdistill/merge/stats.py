@@ -144,10 +144,13 @@ def ensure(step: MergeStep, models: list, opts, stats_dir: Path, log: Callable[[
                                                      [str(f) for f in folders], names, opts.device),
                                   {"about": {"models": ids, "sampled": sampled, **params}})]
     if todo:
+        import time
+        t0 = time.time()
         log(f"{step.name} ({step.merge_method}): collecting input statistics of {len(todo)} model(s) "
             f"on {st.samples} rows each")
         _run_tasks(calls, opts.in_process, opts.device)
         forget_open_files()
+        log(f"{step.name} ({step.merge_method}): input statistics collected in {time.time() - t0:.1f}s into {stats_dir}")
     else:
         log(f"{step.name} ({step.merge_method}): input statistics reused from {stats_dir}")
     check_shapes([str(f) for f in folders], models)
