@@ -130,6 +130,45 @@ def train_memory(params: float, shape: dict | None, tc) -> tuple:
     return _gb(state), _gb(act), _gb(loss), _gb(state + act + loss)
 
 
+def regmean_stats(shape: dict) -> dict:
+    """Bytes of RegMean's statistics of one domain, from a decoder's config.json sizes: a float32
+    in x in Gram per distinct linear-layer input of each layer (q/k/v share the attention's
+    input, gate/up the MLP's), and the LM head's when it is not tied to the embeddings."""
+    H, L = shape["hidden_size"], shape["num_hidden_layers"]
+    inter = shape.get("intermediate_size", 4 * H)
+    heads = shape.get("num_attention_heads")
+    attn = heads * shape.get("head_dim", H // heads) if heads else H
+    parts = {"q/k/v input": H, "o_proj input": attn, "gate/up input": H, "down_proj input": inter}
+    per = {k: 4.0 * n * n for k, n in parts.items()}
+    layer = sum(per.values())
+    head = 0.0 if shape.get("tie_word_embeddings") else 4.0 * H * H
+    return {"parts": per, "layer": layer, "layers": L, "head": head, "total": layer * L + head,
+            "largest_in": max(parts.values())}
+
+
+def _regmean_lines(cfg: ExperimentConfig, shape: dict | None) -> list[str]:
+    """The dry run's statistics lines when a candidate or the search merges with RegMean."""
+    methods = {s.merge_method for c in cfg.merge.candidates for s in c.steps}
+    if cfg.merge.search.enabled:
+        methods |= set(cfg.merge.search.methods)
+    used = sorted(m for m in methods if m.startswith("regmean"))
+    if not used:
+        return []
+    if not shape:
+        return [f"  merge statistics ({', '.join(used)}): size unknown without the student's config.json"]
+    st = regmean_stats(shape)
+    n = len(cfg.domains)
+    parts = ", ".join(f"{k} {_gb(v)}" for k, v in st["parts"].items())
+    passes = max(1, -(-int(st["total"]) // int(cfg.merge.stats.memory_gb * 1e9)))
+    return [f"  merge statistics ({', '.join(used)}): per domain {_gb(st['layer'])} per layer ({parts}) "
+            f"x {st['layers']} layers" + (f" + LM head {_gb(st['head'])}" if st["head"] else "")
+            + f" = {_gb(st['total'])}; {n} domains: {_gb(st['total'] * n)} on disk (float32)"
+            + (f", and as much again per RegMean++ candidate" if "regmean_plusplus" in used else ""),
+            f"      collection: {cfg.merge.stats.samples} rows x <= {cfg.merge.stats.max_tokens} tokens per "
+            f"domain, {passes} pass(es) over them at merge.stats.memory_gb={cfg.merge.stats.memory_gb:g}; "
+            f"a merge task's peak on the widest layer ({st['largest_in']} inputs): ~{_gb(20.0 * st['largest_in'] ** 2)}"]
+
+
 def _gb(x: float) -> str:
     return f"{x / 1e9:.1f} GB" if x >= 1e8 else f"{x / 1e6:.1f} MB"
 
@@ -200,6 +239,9 @@ def _estimate(cfg: ExperimentConfig) -> tuple[list[str], float]:
                          f"{tc.num_workers} workers), {what}")
         disk += weights * (len(cfg.domains) + steps) + ckpt * len(cfg.domains)
         lines.append(f"  student: {params / 1e9:.2f}B parameters ({_gb(weights)} in bf16)")
+        lines += _regmean_lines(cfg, shape)
+        if shape and _regmean_lines(cfg, shape):
+            disk += regmean_stats(shape)["total"] * len(cfg.domains)
     lines.append(f"  disk for artifacts: about {_gb(disk)} (text {_gb(gen_disk * 2)}"
                  + (", branch and merge weights, one training checkpoint per branch)" if params else ")"))
     return ["estimates:"] + lines, disk

@@ -101,6 +101,27 @@ def check_merge_inputs(cfg: ExperimentConfig, run: RunDir, base_path: str) -> No
                         f"but the student base is {want[0]} with vocab {want[1]}: merge models of one family")
 
 
+def check_merge_data(cfg: ExperimentConfig) -> None:
+    """RegMean's models have domain data before anything runs: a branch of a configured domain
+    has its verified SFT set (made by the run); any other model names an existing file in its
+    `data`."""
+    for cand in cfg.merge.candidates:
+        for step in cand.steps:
+            if not step.merge_method.startswith("regmean"):
+                continue
+            for i, m in enumerate(step.models):
+                kind, _, domain = m.model.partition(":")
+                where = f"merge.candidates.{cand.name}.steps.{step.name}.models[{i}]"
+                if m.data:
+                    if not Path(m.data).expanduser().is_file():
+                        raise PreflightError(f"{where}.data={m.data}: no such file (the chat SFT JSONL of "
+                                             f"{m.model}'s domain)")
+                elif kind != "branch" or domain not in cfg.domains:
+                    raise PreflightError(f"{where}: {step.merge_method} needs domain data for model {m.model}: "
+                                         "set its data to the chat SFT JSONL of its domain (a branch:<domain> of "
+                                         "this run uses its verified SFT set)")
+
+
 def check_model(ref: str, path: str, what: str) -> None:
     """A model reference names a model that exists: a local directory with a config.json, or a
     Hugging Face id whose config loads (from the cache or the hub)."""
@@ -177,6 +198,8 @@ def run_preflight(cfg: ExperimentConfig, run: RunDir, to_run: list[str]) -> None
         # code answer wrong.
         from rdistill.scoring.sandbox_check import check_sandbox
         check_sandbox(cfg.verify.sandbox, "preflight")
+    if "merge" in to_run:
+        check_merge_data(cfg)
     if "train" in to_run or "merge" in to_run:
         if made_now(cfg.student.base):
             return  # built by this very run

@@ -166,6 +166,12 @@ def merge_task_options(device: str) -> dict:
             "scheduling_strategy": "SPREAD", "runtime_env": runtime_env()}
 
 
+def stats_task_options(device: str) -> dict:
+    """Ray remote options of one statistics task (RegMean's Grams: a model loaded once and run
+    over its domain's rows): a whole GPU on GPU machines, one CPU otherwise."""
+    return {"num_cpus": 1, "num_gpus": 1 if device == "gpu" else 0}
+
+
 def verify_task_options() -> dict:
     """Ray remote options of one verification batch (the sandbox forks its own processes)."""
     return {"num_cpus": 1, "runtime_env": runtime_env()}

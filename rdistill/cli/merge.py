@@ -1,9 +1,10 @@
 """Drop-in for `mergekit-yaml CONFIG.yml OUT_DIR`: the same YAML, merged by rdistill's streaming
 Ray tasks (methods: arcee_fusion, ties, dare_ties, dare_linear, task_arithmetic, linear, slerp,
-model_stock, and the spectral tsv_m, iso_c, iso_cts).
+model_stock, the spectral tsv_m, iso_c, iso_cts, and fusion-bench's regmean and
+regmean_plusplus, whose models each name their domain data: `- {model: PATH, data: SFT.jsonl}`).
 
     rdistill merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
-                         [--unsafe-truncate-embeddings] [--num-tasks N] [--cuda]
+                         [--unsafe-truncate-embeddings] [--num-tasks N] [--cuda] [--stats-dir DIR]
 
 Joins the Ray cluster in RAY_ADDRESS (or --ray-address) and merges on its tasks; without one it
 merges in this process's threads (no Ray start-up, no worker processes). mergekit options that
@@ -47,6 +48,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default=None, help="cpu | cuda | auto (mergekit's)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
     p.add_argument("--num-threads", "-j", type=int, default=None, help="ignored (one thread per task)")
+    p.add_argument("--stats-dir", default=None,
+                   help="where regmean's input statistics are kept and reused (default: regmean-stats beside OUT_DIR)")
     p.add_argument("--no-check-load", action="store_true",
                    help="skip the transformers load check (run when embeddings are cut to a common vocabulary)")
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -58,7 +61,8 @@ def main(argv: list[str]) -> int:
 
     from rdistill.log import setup
     log = setup()
-    from rdistill.merge import InputError, MergeError, Options, PlanError, load_plan, merge
+    from rdistill.errors import RdistillError
+    from rdistill.merge import Options, PlanError, load_plan, merge
     try:
         steps = load_plan(a.config) if os.path.isfile(a.config) else None
         if steps is None:
@@ -67,7 +71,7 @@ def main(argv: list[str]) -> int:
         gpu = a.cuda or a.device in ("cuda", "auto")
         opts = Options(shard_size=parse_size(a.out_shard_size) * elem, num_tasks=a.num_tasks,
                        seed=a.random_seed, unsafe_truncate_embeddings=a.unsafe_truncate_embeddings,
-                       device="gpu" if gpu else "cpu", check_load=not a.no_check_load)
+                       device="gpu" if gpu else "cpu", check_load=not a.no_check_load, stats_dir=a.stats_dir)
         if a.ray_address or os.environ.get("RAY_ADDRESS"):
             import ray
 
@@ -80,7 +84,7 @@ def main(argv: list[str]) -> int:
                 ray.shutdown()
         else:  # one machine: threads of this process, one per core
             out = merge(steps, a.out_dir, options=opts, log=log.info)
-    except (PlanError, InputError, MergeError) as e:
+    except RdistillError as e:  # a bad plan, input, statistics or result: its one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     log.info("merged model written to %s", out)

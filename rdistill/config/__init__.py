@@ -8,7 +8,7 @@ from rdistill.config.models import (DomainConfig, EngineConfig, SamplingConfig, 
                                     TeacherConfig)
 from rdistill.config.stages import (SEARCH_CANDIDATE, EvalConfig, GenerateConfig,
                                     MergeCandidateConfig, MergeConfig, MergeModelConfig,
-                                    MergeSearchConfig, MergeStepConfig, SandboxConfig, ServeConfig,
+                                    MergeSearchConfig, MergeStatsConfig, MergeStepConfig, SandboxConfig, ServeConfig,
                                     ToyConfig, TrainConfig, VerifyConfig)
 from rdistill.config.tracking import TRACKING_BACKENDS, TrackingConfig
 
@@ -16,6 +16,6 @@ __all__ = [
     "STAGES", "ExperimentConfig", "RayConfig", "branch_train_config", "to_dict", "validated",
     "ConfigError", "DistillConfig", "DomainConfig", "EngineConfig", "SamplingConfig", "SourceConfig", "StudentConfig", "TeacherConfig",
     "MERGE_METHODS", "SEARCH_CANDIDATE", "EvalConfig", "GenerateConfig", "MergeCandidateConfig",
-    "MergeConfig", "MergeSearchConfig", "MergeModelConfig", "MergeStepConfig", "SandboxConfig", "ServeConfig", "ToyConfig", "TrainConfig",
+    "MergeConfig", "MergeSearchConfig", "MergeStatsConfig", "MergeModelConfig", "MergeStepConfig", "SandboxConfig", "ServeConfig", "ToyConfig", "TrainConfig",
     "VerifyConfig", "TRACKING_BACKENDS", "TrackingConfig",
 ]

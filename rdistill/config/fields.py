@@ -21,6 +21,7 @@ MERGE_METHODS = ["arcee_fusion", "ties", "dare_ties", "dare_linear", "task_arith
                  "model_stock"]
 """Merge methods, mergekit's names (rdistill.merge.methods.METHODS implements exactly these)."""
 MERGE_METHODS += ["tsv_m", "iso_c", "iso_cts"]  # data-free spectral merges (rdistill/merge/spectral.py)
+MERGE_METHODS += ["regmean", "regmean_plusplus"]  # data-based, fusion-bench's (rdistill/merge/regmean.py)
 
 
 def shared_fields(source: Any, target_cls: type, **given: Any) -> Any:

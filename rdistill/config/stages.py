@@ -164,6 +164,9 @@ class MergeModelConfig:
     """Model reference (branch:<domain>, merge:<step>, base, a path or HF id)."""
     parameters: Dict[str, Any] = field(default_factory=dict)
     """Per-model parameters with mergekit's names (weight, density, ...)."""
+    data: Optional[str] = None
+    """Chat SFT JSONL of this model's domain, for the methods that need its inputs (regmean,
+    regmean_plusplus); None: a branch:<domain> model's verified SFT set (verify/<domain>.jsonl)."""
 
 
 @dataclass
@@ -202,6 +205,7 @@ class MergeCandidateConfig:
 
 SEARCH_METHODS = ["task_arithmetic", "ties", "dare_ties", "arcee_fusion", "linear", "model_stock"]
 SEARCH_METHODS += ["tsv_m", "iso_c", "iso_cts"]  # the spectral merges (rdistill/merge/spectral.py)
+SEARCH_METHODS += ["regmean", "regmean_plusplus"]  # fit to each branch's layer inputs (rdistill/merge/regmean.py)
 SEARCH_CANDIDATE = "search"  # the search's chosen merge: merge/search/final, merge:search
 
 
@@ -213,7 +217,8 @@ class MergeSearchConfig:
     """Methods searched: arcee_fusion means Fusion chains in every order of the branches."""
     weights: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0])
     """Values each branch's weight is drawn from (task_arithmetic, ties, dare_ties, and the spectral
-    tsv_m, iso_c, iso_cts, whose weights scale each branch's task vector)."""
+    tsv_m, iso_c, iso_cts, whose weights scale each branch's task vector; for regmean and
+    regmean_plusplus a coefficient on the branch's Gram matrices)."""
     densities: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     """Values the kept share is drawn from (ties, dare_ties)."""
     lambdas: List[float] = field(default_factory=lambda: [1.0])
@@ -222,9 +227,13 @@ class MergeSearchConfig:
     common_space_fractions: List[float] = field(default_factory=lambda: [0.8])
     """Values Iso-CTS's common-space share of each layer's rank is drawn from (iso_cts; 0.8 is the
     paper's)."""
+    ratios: List[float] = field(default_factory=lambda: [0.95, 0.9, 0.8])
+    """Values RegMean's off-diagonal scaling alpha (reduce_non_diagonal_ratio) is drawn from
+    (regmean, regmean_plusplus; the first is the uniform baseline's)."""
     candidates: int = spec(24, gt=0)
-    """Budget in candidates: every Fusion order, linear, model_stock and the spectral merges at
-    their papers' settings, then seeded draws of the weighted and spectral methods up to this many."""
+    """Budget in candidates: every Fusion order, linear, model_stock, the spectral merges at their
+    papers' settings, RegMean and RegMean++ with equal coefficients, then seeded draws of the
+    weighted, spectral and RegMean methods up to this many."""
     first_prompts: int = spec(10, gt=0)
     """Dev prompts per domain every candidate is scored on (successive halving's first rung);
     each later rung scores the best 1/eta of the candidates on eta times as many, up to the
@@ -249,6 +258,31 @@ class MergeSearchConfig:
         if bad or not self.common_space_fractions:
             fail(prefix + "common_space_fractions", list(self.common_space_fractions),
                  "list shares of a layer's rank in [0, 1], e.g. [0.8]")
+        if not self.ratios or any(not 0 <= r <= 1 for r in self.ratios):
+            fail(prefix + "ratios", list(self.ratios), "list values in [0, 1]")
+        if any(w <= 0 for w in self.weights) and any(m.startswith("regmean") for m in self.methods):
+            fail(prefix + "weights", list(self.weights), "regmean's coefficients must be > 0")
+
+
+@dataclass
+class MergeStatsConfig:
+    """What RegMean's input statistics are computed on: per linear layer and per model, the Gram
+    matrix X^T X / n of the layer's inputs over a sample of that model's domain data."""
+    samples: int = spec(256, gt=0)
+    """SFT rows (prompt and answer) per domain (fusion-bench's num_regmean_examples)."""
+    max_tokens: int = spec(1024, gt=0)
+    """Tokens per row at most (longer rows are cut: the statistics need inputs, not answers)."""
+    batch_size: int = spec(8, gt=0)
+    """Rows per forward pass."""
+    seed: int = 0
+    """Seed of the draw of rows from each domain's set."""
+    chat_template: Optional[str] = None
+    """Template the rows are rendered with (bundled name or .jinja path); None: the train
+    section's, the one the branches were trained with (else the model's own)."""
+    memory_gb: float = spec(16.0, gt=0)
+    """Gram matrices one collection task holds at once: a model whose matrices need more is
+    collected in several passes over the rows, each for a group of layers (a 32B student's are
+    ~216 GB per domain)."""
 
 
 @dataclass
@@ -257,6 +291,8 @@ class MergeConfig:
     """Merge candidates; with more than one, the evaluate stage picks the best on the dev split."""
     search: MergeSearchConfig = field(default_factory=MergeSearchConfig)
     """A budgeted search over merge recipes, scored on the dev split by warm engines."""
+    stats: MergeStatsConfig = field(default_factory=MergeStatsConfig)
+    """Input statistics of regmean and regmean_plusplus (collected once per branch and reused)."""
     objective: str = spec("mean", choices=["mean", "min", "weighted"])
     """How domain scores combine when choosing a merge: their mean, the worst domain, or a
     weighted mean (domain_weights)."""

@@ -37,8 +37,10 @@ def merge(plan: Any, out_dir: str | Path, *, resolve: Optional[Callable[[str], s
     import dataclasses
     import sys
 
+    from rdistill.merge.stats import check_data
     steps = load_plan(plan)
     opts = dataclasses.replace(options or Options(), **kw)
+    check_data(steps, opts.data_for)  # a step that needs domain data fails before any step runs
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise PlanError(f"step names must be unique in a chain, got {names}")

@@ -18,9 +18,9 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from rdistill.errors import RdistillError
 from rdistill.parallel import run_at_most
@@ -67,6 +67,17 @@ class Options:
     in_process: bool = False
     """Merge in this process's threads instead of Ray tasks (one machine, no cluster): no Ray
     start-up and no worker processes' memory, which dominate a merge of a few GB."""
+    stats: Any = None
+    """How input statistics are collected for steps that do not say (a MergeStatsConfig; None:
+    its defaults)."""
+    stats_dir: Optional[str] = None
+    """Where input statistics (regmean, regmean_plusplus) are written and reused (None:
+    regmean-stats beside the output folder)."""
+    stats_from: list = field(default_factory=list)
+    """Other folders where complete statistics may already be (copied from there when found)."""
+    data_for: Optional[Callable[[str], Optional[str]]] = None
+    """A model reference's domain data, for models whose step gives none (the merge stage: a
+    branch's verified SFT set)."""
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -243,6 +254,19 @@ def _merge_all(items: list[UnitTensor], step: MergeStep, opts: "Options", width:
     return results + run(units)
 
 
+def _stats_params(step: MergeStep, models: list[InputModel], opts: "Options", out_dir: Path,
+                  log: Callable[[str], None]) -> dict:
+    """The shared parameters that point a statistics method's tensors at their statistics,
+    collected first when missing ({} for the other methods)."""
+    from rdistill.merge.methods import METHODS
+    if not METHODS[step.merge_method].stats:
+        return {}
+    from rdistill.merge import stats
+    from rdistill.merge.regmean import STATS_KEY
+    where = Path(opts.stats_dir) if opts.stats_dir else out_dir.parent / "regmean-stats"
+    return {STATS_KEY: stats.ensure(step, models, opts, where, log)}
+
+
 def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str] = lambda r: r,
              opts: Optional[Options] = None, log: Callable[[str], None] = print) -> dict:
     """Merge one step into out_dir (replaced when complete). Returns counts and timings."""
@@ -252,6 +276,7 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
     refs = step.inputs
     models = [load_input(r, resolve(r)) for r in refs]
     shapes, vocab = check_inputs(models, opts.unsafe_truncate_embeddings)
+    stats = _stats_params(step, models, opts, out_dir, log)
     donor = models[0]  # base first, else the first listed model (mergekit's donor)
     order = sorted(donor.tensors, key=lambda n: (donor.tensors[n].file, donor.tensors[n].start))
     specs = [(n, shapes[n], _out_dtype(step, [m.tensors[n] for m in models])) for n in order]
@@ -263,6 +288,7 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         locs = [m.tensors[out.name] for m in models]
         rows = shapes[out.name][0] if any(loc.shape != shapes[out.name] for loc in locs) else None
         shared, per = tensor_parameters(step, out.name, layers)
+        shared.update(stats)
         problem = check and out.dtype in FLOAT_RANK and check(out.name, tuple(shapes[out.name]), shared, per)
         if problem:  # e.g. a rank larger than the layer: refused before any work
             raise PlanError(f"{step.name}: {problem}")
@@ -294,7 +320,8 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         (tmp / "rdistill_merge.json").write_text(json.dumps(
             {"merge_method": step.merge_method, "base_model": step.base_model, "dtype": step.dtype,
              "out_dtype": step.out_dtype, "parameters": step.parameters, "seed": opts.seed,
-             "models": [{"model": m.model, "parameters": m.parameters} for m in step.models],
+             "models": [{"model": m.model, "parameters": m.parameters, **({"data": m.data} if m.data else {})}
+                        for m in step.models],
              "resolved": {r: m.path for r, m in zip(refs, models)}}, indent=2, default=str))
         if checked:
             checked()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from rdistill.config.fields import MERGE_METHODS
 from rdistill.merge import spectral
+from rdistill.merge.regmean import regmean_tensor
 
 QUANTILE_SAMPLE = 1_000_000  # arcee_fusion: quantiles from a 1e6-element sample, as mergekit does
 
@@ -39,6 +40,9 @@ class MethodSpec:
     check: Optional[Callable[..., Optional[str]]] = None
     """(tensor name, shape, shared, per) -> why these parameters cannot merge that tensor, else
     None: the driver asks for every tensor before any work (a rank larger than the layer)."""
+    stats: Optional[str] = None
+    """regmean | regmean_plusplus: the method reads input statistics collected before the merge
+    (rdistill.merge.stats), each model on its domain's data."""
 
 
 # ---------------------------------------------------------------- sparsification (TIES, DARE)
@@ -286,6 +290,11 @@ METHODS: dict[str, MethodSpec] = {
     **{m: MethodSpec(getattr(spectral, m), base="required", shared={"lambda": 1.0, **extra}, per_model={"weight": 1.0},
                      check=partial(spectral.check, m))  # spectral.py: TSV-M, Iso-C, Iso-CTS
        for m, extra in [("tsv_m", {"rank_fraction": 0.0}), ("iso_c", {}), ("iso_cts", {"common_space_fraction": 0.8})]},
+    # fusion-bench's RegMean and RegMean++ (alpha 0.95, its default), a coefficient per model
+    "regmean": MethodSpec(regmean_tensor, base="ignored", shared={"reduce_non_diagonal_ratio": 0.95},
+                          per_model={"weight": 1.0}, stats="regmean"),
+    "regmean_plusplus": MethodSpec(regmean_tensor, base="ignored", shared={"reduce_non_diagonal_ratio": 0.95},
+                                   per_model={"weight": 1.0}, stats="regmean_plusplus"),
 }
 # The registry implements exactly the methods the configs allow (one list: config.fields).
 assert sorted(METHODS) == sorted(MERGE_METHODS), "merge methods: registry and config disagree"

@@ -35,6 +35,8 @@ class PlanError(ConfigError):
 class ModelInput:
     model: str
     parameters: dict = field(default_factory=dict)
+    data: Optional[str] = None
+    """Chat SFT JSONL of the model's domain (regmean, regmean_plusplus: its layers' inputs)."""
 
 
 @dataclass
@@ -48,6 +50,8 @@ class MergeStep:
     out_dtype: Optional[str] = None
     """Written dtype (None: dtype, else the method's result dtype)."""
     name: str = "merged"
+    stats: Any = None
+    """How input statistics are collected (a MergeStatsConfig; None: its defaults)."""
 
     @property
     def others(self) -> list[ModelInput]:
@@ -81,10 +85,10 @@ def step_from_dict(d: dict, name: str = "merged") -> MergeStep:
     if bad:
         raise PlanError(f"{bad[0]} is not supported by rdistill's merge: use models/base_model (the "
                         "tokenizer and chat template are copied from the base model, else the first model)")
-    unknown = set(d) - {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
+    unknown = set(d) - {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name", "stats"}
     if unknown:
         raise PlanError(f"unknown merge plan key(s) {sorted(unknown)}: allowed are merge_method, models, "
-                        "base_model, parameters, dtype, out_dtype")
+                        "base_model, parameters, dtype, out_dtype, stats")
     method = d.get("merge_method")
     if method not in METHODS:
         raise PlanError(f"merge_method={method!r} is invalid: allowed: {', '.join(METHODS)}")
@@ -94,19 +98,48 @@ def step_from_dict(d: dict, name: str = "merged") -> MergeStep:
             m = {"model": m}
         if not isinstance(m, dict) or not m.get("model"):
             raise PlanError(f"models[{i}] needs a model: write '- model: PATH'")
-        models.append(ModelInput(str(m["model"]), dict(m.get("parameters") or {})))
+        bad = set(m) - {"model", "parameters", "data"}
+        if bad:
+            raise PlanError(f"models[{i}]: unknown key(s) {sorted(bad)}: allowed are model, parameters, data")
+        models.append(ModelInput(str(m["model"]), dict(m.get("parameters") or {}),
+                                 str(m["data"]) if m.get("data") else None))
     step = MergeStep(method, models, d.get("base_model"), dict(d.get("parameters") or {}),
                      _dtype(d.get("dtype"), "dtype"), _dtype(d.get("out_dtype"), "out_dtype"),
-                     d.get("name") or name)
+                     d.get("name") or name, _stats(d.get("stats")))
     check_step(step)
     return step
+
+
+def _stats(value: Any):
+    """A step's `stats` mapping as a checked MergeStatsConfig (None: the defaults)."""
+    if value is None:
+        return None
+    import dataclasses
+
+    from rdistill.config import MergeStatsConfig
+    from rdistill.config.fields import check
+    if isinstance(value, MergeStatsConfig):
+        return value
+    if not isinstance(value, dict):
+        raise PlanError(f"stats must be a mapping (samples, max_tokens, ...), got {value!r}")
+    allowed = [f.name for f in dataclasses.fields(MergeStatsConfig)]
+    bad = set(value) - set(allowed)
+    if bad:
+        raise PlanError(f"stats: unknown key(s) {sorted(bad)}: allowed are {', '.join(allowed)}")
+    out = MergeStatsConfig(**value)
+    try:
+        check(out, "stats.")
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    return out
 
 
 def step_from_config(c: "MergeStepConfig") -> MergeStep:
     """A step from the pipeline's typed config (the Hydra merge.candidates[*].steps), field by
     field: the config already checked the method and dtypes against the same enums."""
-    step = MergeStep(c.merge_method, [ModelInput(m.model, dict(m.parameters)) for m in c.models], c.base_model,
-                     dict(c.parameters), _dtype(c.dtype, "dtype"), _dtype(c.out_dtype, "out_dtype"), c.name)
+    step = MergeStep(c.merge_method, [ModelInput(m.model, dict(m.parameters), m.data) for m in c.models],
+                     c.base_model, dict(c.parameters), _dtype(c.dtype, "dtype"), _dtype(c.out_dtype, "out_dtype"),
+                     c.name)
     check_step(step)
     return step
 
@@ -133,11 +166,33 @@ def check_step(step: MergeStep) -> None:
     for key, default in spec.shared.items():
         if default is None and key not in step.parameters:
             raise PlanError(f"{m} needs parameters.{key}")
+    if spec.stats:
+        _check_stats_params(step)
+    else:
+        given = [i for i, mi in enumerate(step.models) if mi.data]
+        if given:
+            raise PlanError(f"models[{given[0]}].data: {m} reads no domain data (only regmean and "
+                            "regmean_plusplus do); remove it")
     for key, default in spec.per_model.items():
         for mi in step.others:
             if default is None and key not in mi.parameters and key not in step.parameters:
                 raise PlanError(f"{m} needs {key} for model {mi.model}: set models[].parameters.{key} "
                                 f"or parameters.{key}")
+
+
+def _check_stats_params(step: MergeStep) -> None:
+    """RegMean's numbers where they are plain: alpha in [0, 1], coefficients > 0 (a coefficient
+    scales a Gram matrix, and the summed matrices must stay positive definite)."""
+    def scalar(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    r = step.parameters.get("reduce_non_diagonal_ratio")
+    if scalar(r) and not 0 <= r <= 1:
+        raise PlanError(f"{step.merge_method}: parameters.reduce_non_diagonal_ratio={r} must be in [0, 1]")
+    for i, mi in enumerate(step.models):
+        w = mi.parameters.get("weight", step.parameters.get("weight"))
+        if scalar(w) and w <= 0:
+            raise PlanError(f"{step.merge_method}: models[{i}] weight={w} must be > 0 (it scales the model's "
+                            "Gram matrices)")
 
 
 def load_plan(source: Any) -> list[MergeStep]:

@@ -3,9 +3,10 @@ recipes drawn from the configured space, and successive halving over dev prompts
 
 Candidates: Arcee Fusion chains in every order of the branches (the reference recipe picked one
 order by hand), linear and model_stock, the spectral merges (TSV-M, Iso-C, Iso-CTS) with their
-papers' settings, then seeded draws of task arithmetic, TIES, DARE-TIES and the spectral merges
-with per-branch weights, densities, a scaling lambda and Iso-CTS's common-space share from the
-configured values, up to the budget. Successive halving: every candidate is scored on the first
+papers' settings, RegMean and RegMean++ with equal coefficients, then seeded draws of task
+arithmetic, TIES, DARE-TIES, the spectral merges and RegMean(++) with per-branch weights (for
+RegMean a coefficient on each branch's Gram matrices), densities, a scaling lambda, Iso-CTS's
+common-space share and RegMean's alpha from the configured values, up to the budget. Successive halving: every candidate is scored on the first
 `first_prompts` dev prompts of each domain; the best 1/eta go on to eta times as many prompts,
 and so on until the survivors have seen the whole dev split; the best of the last rung is the
 search's choice. A candidate
@@ -34,6 +35,8 @@ from rdistill.config import MergeSearchConfig
 WEIGHTED = ("task_arithmetic", "ties", "dare_ties")
 SPECTRAL = ("tsv_m", "iso_c", "iso_cts")
 """Data-free spectral merges (merge/spectral.py): per-branch weights scale the task vectors."""
+STATS_METHODS = ("regmean", "regmean_plusplus")
+"""Merges fit to each branch's layer inputs (merge/regmean.py): a coefficient per branch."""
 
 
 @dataclass
@@ -91,6 +94,9 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
     for m in (m for m in SPECTRAL if m in sc.methods):  # the papers' settings: equal weights, lambda 1
         ws = [1.0] * len(domains)
         add(_label(m, ws, 0.5, lam1, common), _weighted(m, branches, ws, 0.5, lam1, common))
+    for m in (m for m in STATS_METHODS if m in sc.methods):  # fusion-bench's defaults: equal, alpha first
+        ws = [1.0] * len(domains)
+        add(_label(m, ws, sc.ratios[0], 1.0), _weighted(m, branches, ws, sc.ratios[0], 1.0))
     weighted = [m for m in WEIGHTED if m in sc.methods]
     for w in sc.weights:  # the uniform settings first: the obvious baselines of each method
         for m in weighted:
@@ -98,24 +104,28 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
             dens = 0.5 if 0.5 in sc.densities else sc.densities[0]
             lam = 1.0 if 1.0 in sc.lambdas else sc.lambdas[0]
             add(_label(m, ws, dens, lam), _weighted(m, branches, ws, dens, lam))
-    weighted += [m for m in SPECTRAL if m in sc.methods]
+    weighted += [m for m in SPECTRAL + STATS_METHODS if m in sc.methods]
     rng = random.Random(sc.seed)
     tries = 0
     while len(out) < sc.candidates and weighted and tries < 100 * sc.candidates:
         tries += 1
         m = rng.choice(weighted)
         ws = [rng.choice(sc.weights) for _ in domains]
-        dens = rng.choice(sc.densities) if m in ("ties", "dare_ties") else 0.5
-        lam = rng.choice(sc.lambdas) if m != "task_arithmetic" else 1.0
+        if m in STATS_METHODS:  # the density slot carries RegMean's alpha
+            dens, lam = rng.choice(sc.ratios), 1.0
+        else:
+            dens = rng.choice(sc.densities) if m in ("ties", "dare_ties") else 0.5
+            lam = rng.choice(sc.lambdas) if m != "task_arithmetic" else 1.0
         frac = rng.choice(sc.common_space_fractions) if m == "iso_cts" else common
         add(_label(m, ws, dens, lam, frac), _weighted(m, branches, ws, dens, lam, frac))
     return out
 
 
 def _label(method: str, ws: list[float], density: float, lam: float, common: float = 0.8) -> str:
-    """The recipe in words, and the key that tells recipes apart: TIES and DARE-TIES normalize
-    by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1); the spectral merges
-    scale with their task vectors, so weights 0.5/0.5/0.5 at lambda 1 are 1/1/1 at lambda 0.5."""
+    """The recipe in words, and the key that tells recipes apart: TIES, DARE-TIES and RegMean
+    normalize by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1); the spectral
+    merges scale with their task vectors, so weights 0.5/0.5/0.5 at lambda 1 are 1/1/1 at lambda
+    0.5. For RegMean `density` is its alpha."""
     if method != "task_arithmetic":
         top = max(ws)
         ws = [round(w / top, 3) for w in ws]
@@ -124,11 +134,16 @@ def _label(method: str, ws: list[float], density: float, lam: float, common: flo
     s = f"{method} w=" + "/".join(f"{w:g}" for w in ws)
     if method in SPECTRAL:
         return s + f" lambda={lam:g}" + (f" common={common:g}" if method == "iso_cts" else "")
+    if method in STATS_METHODS:
+        return s + f" alpha={density:g}"
     return s if method == "task_arithmetic" else s + f" density={density:g} lambda={lam:g}"
 
 
 def _weighted(method: str, branches: list[str], ws: list[float], density: float, lam: float,
               common: float = 0.8) -> list[dict]:
+    if method in STATS_METHODS:  # no base: the closed form on the branches (alpha in `density`)
+        return [_step("final", method, None, [(b, {"weight": w}) for b, w in zip(branches, ws)],
+                      {"reduce_non_diagonal_ratio": density})]
     if method == "task_arithmetic":
         return [_step("final", method, "base", [(b, {"weight": w}) for b, w in zip(branches, ws)], {})]
     if method in SPECTRAL:
@@ -139,12 +154,14 @@ def _weighted(method: str, branches: list[str], ws: list[float], density: float,
 
 
 def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, float, float]]:
-    """(method, per-branch weights, density, lambda, common-space share) of a one-step weighted
-    or spectral candidate, else None."""
-    if len(c.steps) != 1 or c.steps[0]["merge_method"] not in WEIGHTED + SPECTRAL:
+    """(method, per-branch weights, density (RegMean: alpha), lambda, common-space share) of a
+    one-step weighted, spectral or RegMean candidate, else None."""
+    if len(c.steps) != 1 or c.steps[0]["merge_method"] not in WEIGHTED + SPECTRAL + STATS_METHODS:
         return None
     s = c.steps[0]
     ps = [m["parameters"] for m in s["models"]]
+    if s["merge_method"] in STATS_METHODS:
+        return s["merge_method"], [p["weight"] for p in ps], s["parameters"]["reduce_non_diagonal_ratio"], 1.0, 0.8
     return (s["merge_method"], [p["weight"] for p in ps], ps[0].get("density", 0.5),
             s["parameters"].get("lambda", 1.0), s["parameters"].get("common_space_fraction", 0.8))
 

@@ -137,7 +137,7 @@ def run_search(ctx, opts: Options, resolve) -> dict:
     shutil.copytree(work / chosen.name, dest, ignore=shutil.ignore_patterns("done"))
     for c in cands:  # only the chosen model's weights are kept; every recipe is in search.json
         shutil.rmtree(work / c.name, ignore_errors=True)
-    write_recipe_yaml(chosen, resolve, dest / "recipe.yaml")
+    write_recipe_yaml(chosen, resolve, dest / "recipe.yaml", opts.data_for, opts.stats)
     last = max(chosen.scores)
     base_scores = floor(last) if floor else None
     report = {"chosen": chosen.name, "label": chosen.label, "objective": cfg.merge.objective,
@@ -157,17 +157,30 @@ def run_search(ctx, opts: Options, resolve) -> dict:
             "search_candidates": len(cands)}
 
 
-def write_recipe_yaml(c: Candidate, resolve, path: Path) -> None:
+def write_recipe_yaml(c: Candidate, resolve, path: Path, data_for=None, stats=None) -> None:
     """The chosen recipe in mergekit's YAML, models as paths: one step is a mergekit config;
-    a chain is a list of such steps, each later one naming an earlier one as merge:<name>."""
+    a chain is a list of such steps, each later one naming an earlier one as merge:<name>.
+    RegMean's models name their domain data (`data_for`) and its step the sampling (`stats`),
+    which the stage otherwise supplies."""
+    import dataclasses
+
     import yaml
+
+    from rdistill.merge.methods import METHODS
+
+    def data(step: dict, ref: str) -> dict:
+        path = data_for(ref) if data_for and METHODS[step["merge_method"]].stats else None
+        return {"data": path} if path else {}
 
     def plain(step: dict) -> dict:
         d = {k: v for k, v in step.items() if v not in (None, {}, [])}
         if d.get("base_model") and not d["base_model"].startswith("merge:"):
             d["base_model"] = resolve(d["base_model"])
         d["models"] = [{"model": m["model"] if m["model"].startswith("merge:") else resolve(m["model"]),
-                        **({"parameters": m["parameters"]} if m.get("parameters") else {})} for m in step["models"]]
+                        **({"parameters": m["parameters"]} if m.get("parameters") else {}), **data(step, m["model"])}
+                       for m in step["models"]]
+        if stats is not None and METHODS[step["merge_method"]].stats:
+            d["stats"] = {k: v for k, v in dataclasses.asdict(stats).items() if v is not None}
         return d
     body = plain(c.steps[0]) if len(c.steps) == 1 else [plain(s) for s in c.steps]
     path.write_text(f"# rdistill merge search: {c.label}\n" + yaml.safe_dump(body, sort_keys=False))

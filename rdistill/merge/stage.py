@@ -10,6 +10,7 @@ is only renamed into place after the stage returns).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -37,27 +38,55 @@ def _resolver(ctx, cand: str, done: dict[str, Path]):
     return resolve
 
 
+def _domain_data(ctx):
+    """A model reference's domain data: a branch's verified SFT set (what it was trained on)."""
+    def data_for(ref: str):
+        kind, _, domain = ref.partition(":")
+        return str(ctx.run.stage_dir("verify") / f"{domain}.jsonl") if kind == "branch" and domain else None
+    return data_for
+
+
+def _steps(ctx, data_for) -> dict[str, list]:
+    """Every candidate's steps, checked before any of them runs (plans, and the domain data of
+    the methods that need it)."""
+    from rdistill.merge.stats import check_data
+    out = {}
+    for cand in ctx.cfg.merge.candidates:
+        names = [s.name for s in cand.steps]
+        if len(set(names)) != len(names) or "final" in names[:-1]:
+            raise ConfigError(f"merge.candidates.{cand.name}.steps: names must be unique and only the "
+                              f"last may be 'final', got {names}")
+        out[cand.name] = []
+        for i, step_cfg in enumerate(cand.steps):
+            try:
+                step = step_from_config(step_cfg)
+                check_data([step], data_for)
+            except PlanError as e:
+                raise ConfigError(f"merge.candidates.{cand.name}.steps[{i}]: {e}") from None
+            out[cand.name].append(step)
+    return out
+
+
 def run(ctx) -> dict:
     cfg = ctx.cfg
     if not cfg.merge.names():
         raise ConfigError("merge.candidates is empty and merge.search is off: configure a candidate "
                           "(e.g. merge=toy_fusion) or merge.search.enabled=true")
+    # RegMean's statistics: rendered with the branches' training template, kept in merge/stats and
+    # reused from the previous merge folder when their inputs did not change
+    stats = dataclasses.replace(cfg.merge.stats, chat_template=cfg.merge.stats.chat_template or cfg.train.chat_template)
+    data_for = _domain_data(ctx)
     opts = Options(shard_size=cfg.merge.shard_size_mb << 20, num_tasks=cfg.merge.num_tasks,
-                   seed=cfg.seed, device=cfg.device)
+                   seed=cfg.seed, device=cfg.device, stats=stats, stats_dir=str(ctx.out / "stats"),
+                   stats_from=[str(ctx.run.stage_dir("merge") / "stats")], data_for=data_for)
     result: dict = {"candidates": {}}
     done: dict[str, Path] = {}
+    steps_of = _steps(ctx, data_for)
     for cand in cfg.merge.candidates:
         names = [s.name for s in cand.steps]
-        if len(set(names)) != len(names) or "final" in names[:-1]:
-            raise ConfigError(f"merge.candidates.{cand.name}.steps: names must be unique and only the "
-                              f"last may be 'final', got {names}")
         counts = {}
         trk = tracking.current().child("merge", cand.name, to_dict(cand))  # time and memory per step
-        for i, step_cfg in enumerate(cand.steps):
-            try:
-                step = step_from_config(step_cfg)
-            except PlanError as e:
-                raise ConfigError(f"merge.candidates.{cand.name}.steps[{i}]: {e}") from None
+        for step in steps_of[cand.name]:
             dest = ctx.out / cand.name / step.name
             counts[step.name] = run_step(step, dest, _resolver(ctx, cand.name, done), opts, log.info)
             done[f"{cand.name}/{step.name}"] = dest
@@ -82,16 +111,32 @@ def run(ctx) -> dict:
 
 
 
+def uses_stats(cfg) -> bool:
+    """Whether a candidate or the search merges with a method that reads domain data."""
+    from rdistill.merge.methods import METHODS
+    methods = {s.merge_method for c in cfg.merge.candidates for s in c.steps}
+    if cfg.merge.search.enabled:
+        methods |= set(cfg.merge.search.methods)
+    return any(METHODS[m].stats for m in methods if m in METHODS)
+
+
+def _inputs(cfg) -> tuple[str, ...]:
+    """RegMean reads the branches' SFT sets (verify/<domain>.jsonl) besides the branches."""
+    return ("train", "verify") if uses_stats(cfg) else ("train",)
+
+
 def _search_reads(cfg) -> dict:
-    """The merge search scores candidates on dev: what evaluation reads, it reads too."""
+    """The merge search scores candidates on dev: what evaluation reads, it reads too. RegMean's
+    rows are rendered with the training chat template."""
+    out = {"stats_chat_template": cfg.train.chat_template} if uses_stats(cfg) else {}
     if not cfg.merge.search.enabled:
-        return {}
-    return {"search_scoring": {"eval": to_dict(cfg.eval), "sandbox": to_dict(cfg.verify.sandbox),
+        return out
+    return {**out, "search_scoring": {"eval": to_dict(cfg.eval), "sandbox": to_dict(cfg.verify.sandbox),
                                "device": cfg.device,
                                "domains": {n: {k: to_dict(getattr(d, k)) for k in
                                                ("kind", "dev", "system_prompt", "instruction_suffix", "language")}
                                            for n, d in sorted(cfg.domains.items())}}}
 
 
-STAGE = Stage("merge", run, reads=("merge", "seed", "student"), inputs=("train",), extra=_search_reads,
+STAGE = Stage("merge", run, reads=("merge", "seed", "student"), inputs=_inputs, extra=_search_reads,
               engine="eval.engine")
