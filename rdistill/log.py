@@ -113,6 +113,15 @@ def quiet_console(verbose: bool = False) -> None:
             lg.removeHandler(h)
         if console and _file_handler is not None and _file_handler not in lg.handlers:
             lg.addHandler(_file_handler)
+    # A library logger left without handlers (vLLM's, once its console handler is gone, or when
+    # it configures none) would reach Python's last-resort handler, which prints bare lines to
+    # stderr: the root logger always has a handler, the run log's (rdistill's own does not
+    # propagate, so nothing is written twice).
+    root = logging.getLogger()
+    if _file_handler is not None and _file_handler not in root.handlers:
+        root.addHandler(_file_handler)
+    elif _file_handler is None and not root.handlers:
+        root.addHandler(logging.NullHandler())
     py_warnings = logging.getLogger("py.warnings")
     py_warnings.propagate = False
     if _file_handler is not None and _file_handler not in py_warnings.handlers:

@@ -54,6 +54,19 @@ def test_library_loggers_go_to_the_run_log_not_the_console(run_log, capsys):
         assert not [h for h in logging.getLogger(name).handlers if rlog._is_console(h)], name
 
 
+def test_a_logger_without_handlers_does_not_reach_pythons_last_resort(run_log, capsys):
+    """vLLM's loggers end up with no handler once quieted (or configure none): without a root
+    handler Python's last resort printed their warnings bare on stderr ("Triton is installed...")."""
+    logs, path, console = run_log
+    logging.getLogger().handlers[:] = []
+    rlog.quiet_console(verbose=False)
+    bare = logging.getLogger("handlerless.library")
+    assert not bare.handlers and bare.propagate
+    bare.warning("no handler of its own")
+    assert "no handler of its own" not in capsys.readouterr().err
+    assert "no handler of its own" in open(path).read()
+
+
 def test_verbose_keeps_the_full_stream(run_log, capsys):
     chatty = logging.getLogger("another.library")
     chatty.addHandler(logging.StreamHandler())

@@ -180,5 +180,7 @@ def generate(ds, spec: LLMSpec):
     """`ds` with `completion`, `finish_reason` (stop | length | error), `prompt_tokens`,
     `completion_tokens` and `error` added to every row; other columns are kept. Lazy: nothing
     runs until the dataset is consumed or written."""
+    from rdistill.log import requiet
     proc = _vllm_processor(spec) if spec.backend == "vllm" else _http_processor(spec)
+    requiet()  # ray.data.llm's modules give their loggers console handlers when first imported
     return proc(ds).map(_finish(spec), num_cpus=LIGHT_CPU)
