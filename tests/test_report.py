@@ -331,3 +331,12 @@ def test_report_of_a_full_run_has_the_three_plots(full_run, tmp_path):
     for name in ("accuracy", "cost", "loss"):
         assert f"]({name}.png)" in md
         assert min(mpimg.imread(tmp_path / "out" / f"{name}.png").shape[:2]) > 300
+
+
+def test_equal_scores_without_spread_differ_by_zero_standard_errors():
+    """Merge and mixture both at 100% (standard error 0) are equal: 0 se, not -inf (seen in a run)."""
+    from rdistill.report.verdict import Score
+    assert Score(1.0, 0.0).minus(Score(1.0, 0.0)).z == 0.0
+    assert Score(1.0, 0.0).minus(Score(0.9, 0.0)).z == float("inf")
+    assert Score(0.9, 0.0).minus(Score(1.0, 0.0)).z == float("-inf")
+    assert abs(Score(0.9, 0.02).minus(Score(0.95, 0.01)).z + 0.05 / (0.02 ** 2 + 0.01 ** 2) ** 0.5) < 1e-12

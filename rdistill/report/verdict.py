@@ -30,7 +30,10 @@ class Score:
 
     @property
     def z(self) -> float:
-        return self.value / self.se if self.se > 0 else (math.inf if self.value > 0 else -math.inf)
+        if self.se > 0:
+            return self.value / self.se
+        # no spread (both sides at 0 or 100%): a difference is infinitely sure, none is no difference
+        return math.copysign(math.inf, self.value) if self.value else 0.0
 
 
 @dataclass
