@@ -26,6 +26,15 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (an SFT set, a data file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def listing_hash(root: Path) -> str:
     """Hash of a folder's file names and sizes: cheap even for 64 GB of weights, and it changes
     whenever a stage rewrites its artifacts with different content lengths or names."""

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from rdistill.errors import expected_error
 from rdistill.merge.plan import MergeStep, PlanError
 from rdistill.merge.regmean import INDEX, StatsError, forget_open_files
+from rdistill.rundir import file_hash
 
 
 def settings_of(step: MergeStep, opts=None):
@@ -52,14 +53,6 @@ def check_data(steps: list[MergeStep], data_for=None) -> None:
     for s in steps:
         if METHODS[s.merge_method].stats:
             data_paths(s, data_for)
-
-
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_id(path: str) -> dict:
@@ -123,7 +116,7 @@ def ensure(step: MergeStep, models: list, opts, stats_dir: Path, log: Callable[[
     st = settings_of(step, opts)
     datas = data_paths(step, opts.data_for)
     sampled = {"samples": st.samples, "max_tokens": st.max_tokens, "seed": st.seed, "chat_template": st.chat_template}
-    ids = [{"model": _model_id(m.path), "data": _file_sha(p)} for m, p in zip(models, datas)]
+    ids = [{"model": _model_id(m.path), "data": file_hash(p)} for m, p in zip(models, datas)]
     names = sorted({n for m in models for n in m.tensors})
     stats_dir.mkdir(parents=True, exist_ok=True)
     if kind == "regmean":

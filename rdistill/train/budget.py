@@ -10,14 +10,13 @@ which each domain's set is repeated by its branch's passes (the fraction as a se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 from pathlib import Path
 
 from rdistill.config import TrainConfig, to_dict
-from rdistill.rundir import listing_hash, stable_hash
+from rdistill.rundir import file_hash, listing_hash, stable_hash
 
 KEY_FILE = "branch_key.json"
 RESULT_FILE = "train_result.json"
@@ -64,19 +63,11 @@ def worker_seconds(wall_s: float, cfg: TrainConfig, device: str) -> tuple[float,
     return round(wall_s * cfg.num_workers * cfg.cpus_per_worker, 1), "CPU-s"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def branch_key(base_dir: str, sft_file: str, cfg: TrainConfig, device: str, kd_teacher: str | None = None) -> str:
     """What a branch depends on: its SFT set's bytes, its train config, the base's files, the device
     (and the teacher whose logprobs offline KD adds to its loss)."""
     train = {k: v for k, v in to_dict(cfg).items() if k != "mixture_baseline"}  # not about the branch
-    return stable_hash({"sft": _sha256(sft_file), "train": train, "base": [base_dir, listing_hash(Path(base_dir))],
+    return stable_hash({"sft": file_hash(sft_file), "train": train, "base": [base_dir, listing_hash(Path(base_dir))],
                         "device": device, "kd_teacher": kd_teacher})
 
 
