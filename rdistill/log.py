@@ -87,6 +87,9 @@ def log_file_path() -> str | None:
 _TRACEBACK = re.compile(r"\s*(?:Error:\s*)?Traceback \(most recent call last\):?")
 _NOTABLE = re.compile(r"Traceback \(most recent call last\)|\b(?:ERROR|CRITICAL|OutOfMemoryError|out of memory|"
                       r"OOM|SIGKILL|Killed|died)\b")
+# A Python warning printed by a worker is not an error, whatever its words ("resource_tracker:
+# process died unexpectedly, relaunching" as a vLLM engine's subprocess exits): the log only.
+_PY_WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
 
 
 def quiet_console(verbose: bool = False) -> None:
@@ -122,6 +125,13 @@ def quiet_console(verbose: bool = False) -> None:
         root.addHandler(_file_handler)
     elif _file_handler is None and not root.handlers:
         root.addHandler(logging.NullHandler())
+    # ray.llm's modules give each logger a console handler when first imported, which happens
+    # mid-stage (e.g. "No cloud storage mirror configured" as a processor starts), unless the
+    # "ray.llm" parent already has a handler: give it the run log's.
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(_file_handler if _file_handler is not None else logging.NullHandler())
+        llm.propagate = False
     py_warnings = logging.getLogger("py.warnings")
     py_warnings.propagate = False
     if _file_handler is not None and _file_handler not in py_warnings.handlers:
@@ -139,38 +149,109 @@ def _is_console(h: logging.Handler) -> bool:
     return not isinstance(getattr(h, "stream", None), io.StringIO)
 
 
+_NOT_OPS = ("Total Progress", "Active & requested resources")  # the block's header lines
 _OP = re.compile(r"^-?\s*(?P<name>[^:]+):\s*(?P<done>\d+)/(?P<total>\d+|\?)")
 
 
 class _DataProgress(logging.Handler):
-    """Ray Data's progress block without a terminal (15 lines every 10 s) as one rdistill line
-    every 30 s: its overall line and its last operator's (the write or the final map)."""
+    """Ray Data's progress block without a terminal (15 lines every 10 s per running dataset) as
+    one rdistill line every 30 s, whichever datasets run: the furthest operator rows have reached
+    (the write or the final map), its count, its rate since the dataset started and an ETA."""
 
     def __init__(self, every_s: float = 30.0):
         super().__init__(logging.INFO)
-        self.every_s, self.last, self.block = every_s, 0.0, None
+        self.every_s, self.last, self.block, self.name = every_s, 0.0, None, ""
+        self.started: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = " ".join(record.getMessage().split())
         if msg.startswith("======= Running Dataset"):
-            self.block = []
+            self.block, self.name = [], msg.split("Dataset:", 1)[-1].strip(" =")
         elif self.block is not None and msg.startswith("====="):
             lines, self.block = self.block, None
-            ops = [m for m in map(_OP.match, lines[1:]) if m]
+            now = time.monotonic()
+            t0 = self.started.setdefault(self.name, now)
+            ops = [m for m in map(_OP.match, lines) if m and not m["name"].startswith(_NOT_OPS)]
             # the furthest operator that rows have reached: how far the pipeline's output is
             reached = [m for m in ops if m["done"] != "0"] or ops[:1]
-            now = time.monotonic()
-            if lines and now - self.last >= self.every_s:
-                self.last = now
-                log.info("  data: %s%s", lines[0], f"; {reached[-1][0].lstrip('- ')}" if reached else "")
+            if not reached or now - self.last < self.every_s:
+                return
+            self.last = now
+            m = reached[-1]
+            op = re.sub(r"^MapBatches\((.*)\)$", r"\1", m["name"].lstrip("- ").strip())
+            done, total = int(m["done"]), m["total"]
+            line = f"  {_stage or 'data'}: {op} {done}/{total}"
+            if total != "?" and done and now - t0 >= 1:
+                rate = done / (now - t0)
+                line += f" ({rate:.1f}/s, eta {max(0, int(total) - done) / rate:.0f}s)"
+            log.info(line)
         elif self.block is not None and msg:
             self.block.append(msg)
+
+
+_stage = ""
+
+
+def set_stage(name: str) -> None:
+    """The stage running now: its name starts the progress lines of the libraries it drives."""
+    global _stage
+    _stage = name
 
 
 def _first_line(text: str) -> str:
     """A worker's message as one console line: its first line, without a traceback's header."""
     first = (text.strip().splitlines() or [""])[0]
     return _TRACEBACK.split(first)[0].strip()[:300]
+
+
+_native: tuple | None = None  # (saved stderr fd, Python's stderr before) while redirected
+
+
+def native_stderr_to_log() -> str | None:
+    """What native code writes to file descriptor 2 goes to `<run_dir>/logs/native.log`: Ray's C++
+    core worker logs there directly (e.g. its "constructor arguments in the object store" line for
+    every Ray Data actor pool), as do vLLM's and torch's extensions, and no logger can catch it.
+    Python's own stderr (rdistill's console lines, a bug's traceback) keeps the terminal, through a
+    copy of the old descriptor. Only the command line calls this; `restore_native_stderr` undoes it."""
+    global _native
+    if not _quiet or _log_file is None or _native is not None:
+        return None
+    import os
+    path = os.path.join(os.path.dirname(_log_file), "native.log")
+    try:
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return None
+    sys.stderr.flush()
+    saved = os.dup(2)
+    console = os.fdopen(os.dup(saved), "w", buffering=1, errors="replace")
+    _native = (saved, sys.stderr)
+    for h in log.handlers:
+        if _is_console(h):
+            h.setStream(console)
+    sys.stderr = console
+    os.dup2(target, 2)
+    os.close(target)
+    return path
+
+
+def restore_native_stderr() -> None:
+    """File descriptor 2 and `sys.stderr` as they were before `native_stderr_to_log`."""
+    global _native
+    if _native is None:
+        return
+    import os
+    saved, before = _native
+    _native = None
+    console = sys.stderr
+    console.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    sys.stderr = before
+    for h in log.handlers:
+        if getattr(h, "stream", None) is console:
+            h.setStream(before)
+    console.close()
 
 
 def requiet() -> None:
@@ -208,7 +289,7 @@ def capture_worker_output() -> None:
                 if line[:1].isspace():
                     continue
                 in_traceback.discard(pid)
-            elif not (_NOTABLE.search(line) or "retried" in line):
+            elif not (_NOTABLE.search(line) or "retried" in line) or _PY_WARNING.search(line):
                 continue
             now = time.monotonic()
             if now - told.get(pid, -1e9) >= 60:

@@ -23,7 +23,7 @@ from rdistill.distill import stage as distill
 from rdistill.evaluate import stage as evaluate
 from rdistill.generate import stage as generate
 from rdistill.llm.failures import engine_failure
-from rdistill.log import log, requiet
+from rdistill.log import log, requiet, set_stage
 from rdistill.merge import stage as merge
 from rdistill.report import stage as report
 from rdistill.rundir import MANIFEST, RunDir, listing_hash, stable_hash, write_json_atomic
@@ -94,6 +94,7 @@ def run_stage(cfg: ExperimentConfig, run: RunDir, stage: str) -> dict:
     work = run.work_dir(stage)
     work.mkdir(parents=True, exist_ok=True)
     requiet()  # loggers set up by the previous stage's imports
+    set_stage(stage)
     log.info("== %s: start", stage)
     tracking.stage_started(stage, spec.config_slice(cfg))  # nested run (resumed if unfinished)
     t0 = time.time()

@@ -153,6 +153,33 @@ def train_scaling(device: str, tc: TrainConfig) -> dict:
     return dict(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=res)
 
 
+def train_concurrency(device: str, tc: TrainConfig, n_jobs: int) -> int:
+    """Trainings the train stage runs at once (train.concurrent): on CPUs, as many as the nodes'
+    cores hold (a DeepSpeed rank that shares its core with another training's stalls every
+    all-reduce); on GPUs, all of them, and Ray queues what its resources do not hold."""
+    if tc.concurrent:
+        return max(1, min(n_jobs, tc.concurrent))
+    if device != "cpu":
+        return max(1, n_jobs)
+    per = tc.num_workers * tc.cpus_per_worker
+    return max(1, min(n_jobs, int(cluster_cores() // per)))
+
+
+def cluster_cores() -> int:
+    """Cores of the cluster's alive nodes (each node's os.cpu_count(), asked by a zero-CPU task
+    pinned to it): Ray's CPU resource is a logical count and may be set above the cores."""
+    import ray
+
+    @ray.remote
+    def cores() -> int:
+        return os.cpu_count() or 1
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    try:
+        return sum(ray.get([cores.options(**pinned_to_node(n)).remote() for n in nodes], timeout=60))
+    except Exception:  # noqa: BLE001 (a node that does not answer: assume this machine's size)
+        return os.cpu_count() or 1
+
+
 # Merge tasks on GPU machines share a GPU: a task streams a few tensors at a time, so several
 # fit on one device and keep it busy while others read and write.
 MERGE_TASKS_PER_GPU = 4

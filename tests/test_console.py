@@ -80,14 +80,15 @@ def test_ray_data_progress_block_becomes_one_line(run_log, capsys):
     console = run_log[2]
     rlog.quiet_console()
     lg = logging.getLogger("ray.data._internal.progress.logging_progress")
-    block = ["======= Running Dataset: ds_1 =======", "Total Progress: 30/60 rows", "",
+    block = ["======= Running Dataset: ds_1 =======", "Total Progress: 30/60 rows",
+             "Active & requested resources: 2/8 CPU, 1.0MiB/3.5GiB object store", "",
              "- ReadJSON: 60/60", "  Tasks: 0; Actors: 0", "- Write: 30/60", "  Tasks: 1; Actors: 0", "=" * 38]
     for _ in range(2):  # the second block within 30 s says nothing
         for line in block:
             lg.info(line)
     out = console.getvalue() + capsys.readouterr().err
     lines = [l for l in out.splitlines() if "data:" in l]
-    assert len(lines) == 1 and "Total Progress: 30/60 rows; Write: 30/60" in lines[0], out
+    assert len(lines) == 1 and lines[0].endswith("data: Write 30/60"), out  # no rate before a second has passed
     assert "Running Dataset" not in out
 
 
@@ -99,6 +100,8 @@ def test_worker_output_goes_to_workers_log_and_errors_surface_once(run_log, caps
     import ray._private.worker as ray_worker
     dispatcher.emit({"lines": ["INFO loading weights", "ERROR engine failed to start", "ERROR more detail"],
                      "pid": 42, "is_err": True, "actor_name": "WarmEngine"})
+    dispatcher.emit({"lines": ["UserWarning: resource_tracker: process died unexpectedly, relaunching."],
+                     "pid": 44, "is_err": True, "actor_name": "Engine"})  # a warning, not an error
     dispatcher.emit({"lines": ["Exception in thread Monitor:", "Traceback (most recent call last):",
                                '  File "t.py", line 3, in run', "    self.go()", "RuntimeError: state API down"],
                      "pid": 43, "is_err": True, "actor_name": "Cleaner"})
@@ -112,7 +115,8 @@ def test_worker_output_goes_to_workers_log_and_errors_surface_once(run_log, caps
     assert "Cleaner: RuntimeError: state API down" in surfaced[1]
     assert "INFO loading weights" not in err and "Traceback" not in err and "x.py" not in err
     text = (logs / "workers.log").read_text()
-    for line in ("INFO loading weights", "ERROR more detail", "It will be retried"):
+    assert "resource_tracker" not in err
+    for line in ("INFO loading weights", "ERROR more detail", "It will be retried", "resource_tracker"):
         assert line in text
 
 
@@ -124,3 +128,30 @@ def test_train_progress_line_reads_each_jobs_last_step(tmp_path):
                                          + '{"step": 4, "lo')  # a line still being written
     line = TrainProgress({"code": (tmp_path / "code.jsonl", 10), "math": (tmp_path / "none.jsonl", 20)}).line()
     assert line.startswith("train: code 3/10 loss 0.333; math 0/20 (3/30 steps")
+
+
+def test_native_stderr_goes_to_the_run_log_and_python_keeps_the_console(tmp_path):
+    """What native code writes to descriptor 2 (Ray's C++ core worker) lands in logs/native.log;
+    rdistill's lines and Python's stderr still reach the terminal; restoring undoes it."""
+    import subprocess
+    import sys
+    code = f"""
+import os, sys
+from rdistill import log as rlog
+lg = rlog.setup()
+rlog.log_to_file({str(tmp_path)!r})
+rlog.quiet_console()
+path = rlog.native_stderr_to_log()
+os.write(2, b"[E core_worker.cc:2465] native chatter\\n")
+lg.info("our line")
+print("python stderr", file=sys.stderr)
+rlog.restore_native_stderr()
+os.write(2, b"after restore\\n")
+print(path)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "rdistill our line" in p.stderr and "python stderr" in p.stderr and "after restore" in p.stderr
+    assert "native chatter" not in p.stderr
+    native = tmp_path / "logs" / "native.log"
+    assert p.stdout.strip() == str(native) and "native chatter" in native.read_text()

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 WORKER_NODES = 3
 STAGES = ["toy", "generate", "verify", "train", "merge"]
 SMALL = ["toy.n_train=24", "toy.n_dev=4", "toy.n_test=4", "generate.sampling.n=1", "teacher.replicas=2",
-         "train.epochs=1", "train.num_workers=1"]
+         "train.epochs=1", "train.num_workers=1",
+         # where merge tasks land is the question, not which merge wins: the Fusion chain alone,
+         # without the default's search (engines scoring dev) or the mixture baseline's training
+         "merge=toy_fusion", "train.mixture_baseline=false"]
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,18 @@ def main(argv: list[str]) -> int:
         from rdistill.outputs import check_outputs
         check_outputs(cfg, lambda: _disk_need(cfg))
         log_file = log_to_file(cfg.run_dir)
-        from rdistill.log import quiet_console
+        from rdistill.log import native_stderr_to_log, quiet_console
         quiet_console(cfg.verbose)
+        native_stderr_to_log()  # Ray's C++ and vLLM's native lines: the run log, not the console
         return run(cfg, log, log_file)
     except KeyboardInterrupt:
         log.info("interrupted; rerun the same command to resume where it stopped")
         return 130
     except BaseException as e:  # noqa: BLE001 (expected failures print one line; bugs keep their traceback)
         return fail(e, log)
+    finally:
+        from rdistill.log import restore_native_stderr
+        restore_native_stderr()
 
 
 def _disk_need(cfg) -> float:

@@ -152,6 +152,12 @@ class TrainConfig:
     """Seed of data order and initialisation."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Offline top-k logit distillation added to the SFT loss (off at weight 0)."""
+    concurrent: Optional[int] = spec(None, ge=1)
+    """Trainings (the branches and the mixture) at once. None: as many as the cluster's resources
+    hold, except on CPUs, whose logical CPUs outnumber their cores (Ray Data's light stages need
+    them): there, as many as the nodes' cores hold at num_workers x cpus_per_worker each, since
+    DeepSpeed ranks that share a core wait for each other at every all-reduce (on 2 cores the
+    toy's four trainings took 378 s side by side, ~260 s one after another)."""
     mixture_baseline: bool = False
     """Also train one student on the union of every domain's SFT set, seeing each domain's samples
     as often as that domain's branch does (the same tokens per domain; the `mixture` row of the

@@ -63,10 +63,14 @@ def worker_seconds(wall_s: float, cfg: TrainConfig, device: str) -> tuple[float,
     return round(wall_s * cfg.num_workers * cfg.cpus_per_worker, 1), "CPU-s"
 
 
+# Train settings that do not change what a branch learns: the same branch either way.
+NOT_ABOUT_THE_BRANCH = ("mixture_baseline", "concurrent")
+
+
 def branch_key(base_dir: str, sft_file: str, cfg: TrainConfig, device: str, kd_teacher: str | None = None) -> str:
     """What a branch depends on: its SFT set's bytes, its train config, the base's files, the device
     (and the teacher whose logprobs offline KD adds to its loss)."""
-    train = {k: v for k, v in to_dict(cfg).items() if k != "mixture_baseline"}  # not about the branch
+    train = {k: v for k, v in to_dict(cfg).items() if k not in NOT_ABOUT_THE_BRANCH}
     return stable_hash({"sft": file_hash(sft_file), "train": train, "base": [base_dir, listing_hash(Path(base_dir))],
                         "device": device, "kd_teacher": kd_teacher})
 

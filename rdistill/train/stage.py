@@ -19,7 +19,7 @@ from rdistill.config import branch_train_config, to_dict
 from rdistill.log import log
 from rdistill.parallel import run_at_most
 from rdistill.stage_api import Stage, StageContext
-from rdistill.topology import init_ray
+from rdistill.topology import init_ray, train_concurrency
 from rdistill.refs import MIXTURE
 from rdistill.train import budget
 from rdistill.train.progress import TrainProgress
@@ -73,10 +73,14 @@ def run(ctx: StageContext) -> dict:
             return fit_sft(job), None
         except Exception as e:  # noqa: BLE001 (the other branches finish; their checkpoints stay)
             return None, e
-    # Every branch at once: each asks Ray for its workers, so they run side by side when the
-    # cluster has room and queue when it does not.
+    # Each training asks Ray for its workers, so they run side by side when the cluster has room
+    # and queue when it does not; on CPUs at most as many as the cores hold (train.concurrent).
+    at_once = train_concurrency(cfg.device, cfg.train, len(jobs))
+    if at_once < len(jobs):
+        log.info("train: %d at a time (train.concurrent; the cores hold %d training(s) of %d worker(s))",
+                 at_once, at_once, cfg.train.num_workers)
     with TrainProgress({d: (j.storage / f"{j.name}-progress.jsonl", j.total_steps) for d, j in jobs.items()}):
-        outcome = dict(zip(jobs, run_at_most(len(jobs), [lambda j=j: fit(j) for j in jobs.values()],
+        outcome = dict(zip(jobs, run_at_most(at_once, [lambda j=j: fit(j) for j in jobs.values()],
                                              name="branch")))
     results = {d: r for d, (r, e) in outcome.items() if e is None}
     errors = {d: e for d, (r, e) in outcome.items() if e is not None}
