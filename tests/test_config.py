@@ -50,9 +50,11 @@ def test_bad_overrides_raise_one_clear_line(override, fragment):
 
 
 def test_branch_overrides_apply_per_domain():
-    cfg = load(["+domains.code.train_overrides.epochs=15"])
-    assert branch_train_config(cfg, "code").epochs == 15
-    assert branch_train_config(cfg, "math").epochs == cfg.train.epochs
+    cfg = load(["++domains.code.train_overrides.epochs=15", "++domains.code.train_overrides.lr=0.001"])
+    assert branch_train_config(cfg, "code").epochs == 15 and branch_train_config(cfg, "code").lr == 0.001
+    # the toy's passes: code and math converge in 2, the long science samples need train.epochs (3)
+    assert branch_train_config(cfg, "math").epochs == 2
+    assert branch_train_config(cfg, "science").epochs == cfg.train.epochs == 3
 
 
 def test_validated_accepts_plain_dicts():
@@ -93,14 +95,18 @@ def test_every_preset_composes_and_validates(overrides):
     assert cfg.domains and cfg.merge.candidates
 
 
-def test_toy_merge_puts_task_vector_merges_and_a_search_beside_the_fusion_chain():
+def test_toy_merge_puts_a_search_of_every_task_vector_family_beside_the_fusion_chain():
+    from rdistill.merge.search import candidate_space
     cfg = load([])
-    assert [c.name for c in cfg.merge.candidates] == ["fusion", "task_arithmetic", "ties", "dare_ties"]
-    assert cfg.merge.names()[-1] == "search" and cfg.merge.search.enabled
-    for cand in cfg.merge.candidates[1:]:
-        (step,) = cand.steps
-        assert step.base_model == "base"
-        assert [m.model for m in step.models] == ["branch:math", "branch:code", "branch:science"]
+    assert [c.name for c in cfg.merge.candidates] == ["fusion"]
+    assert cfg.merge.names() == ["fusion", "search"] and cfg.merge.search.enabled
+    drawn = candidate_space(list(cfg.domains), cfg.merge.search)
+    assert len(drawn) == 16
+    # every method the search may draw is drawn, the new merges included, each from the branches
+    assert {c.label.split()[0] for c in drawn} == set(cfg.merge.search.methods) >= \
+        {"tsv_m", "iso_c", "iso_cts", "regmean", "regmean_plusplus", "task_arithmetic", "ties", "dare_ties"}
+    for c in drawn:
+        assert [m["model"] for m in c.steps[-1]["models"]] == ["branch:math", "branch:code", "branch:science"]
     with pytest.raises(ConfigError, match="objective=weighted needs a positive weight"):
         load(["merge.objective=weighted"])
     assert load(["merge.objective=weighted", "+merge.domain_weights.math=2"]).merge.domain_weights == {"math": 2.0}

@@ -1,4 +1,4 @@
-"""pass@k estimator, standard error, aggregation of per-sample rows, merge choice, eval topology."""
+"""pass@k estimator, standard error, aggregation of per-sample rows, merge choice, eval and train topology."""
 
 from __future__ import annotations
 
@@ -117,3 +117,22 @@ def test_run_at_most_bounds_concurrency_keeps_order_and_raises():
     with pytest.raises(RuntimeError, match="engine failed"):  # every job runs, then the error
         run_at_most(1, [lambda: job(1), bad, lambda: job(2)], fail_fast=False)
     assert ran == [1, 2]
+
+
+def test_trainings_at_once_are_what_the_cores_hold_on_cpus(monkeypatch):
+    """On CPUs the train stage runs as many trainings at once as the nodes' cores hold (Ray's
+    logical CPUs are set above them); on GPUs Ray's resources decide; train.concurrent wins."""
+    import dataclasses
+
+    from rdistill import topology
+    from rdistill.config import TrainConfig
+    tc = TrainConfig(num_workers=2, cpus_per_worker=1.0)
+    monkeypatch.setattr(topology, "cluster_cores", lambda: 2)
+    assert topology.train_concurrency("cpu", tc, 4) == 1
+    monkeypatch.setattr(topology, "cluster_cores", lambda: 16)
+    assert topology.train_concurrency("cpu", tc, 4) == 4 and topology.train_concurrency("cpu", tc, 3) == 3
+    monkeypatch.setattr(topology, "cluster_cores", lambda: 6)
+    assert topology.train_concurrency("cpu", tc, 4) == 3
+    assert topology.train_concurrency("gpu", tc, 4) == 4
+    assert topology.train_concurrency("cpu", dataclasses.replace(tc, concurrent=2), 4) == 2
+    assert topology.train_concurrency("cpu", dataclasses.replace(tc, concurrent=8), 4) == 4

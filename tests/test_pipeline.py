@@ -48,7 +48,7 @@ def test_rerun_skips_and_config_change_reruns_only_downstream(tmp_path, fake_sta
     assert done["generate"] == "skipped" and done["train"] == "ran"
     # a branch-only override changes train, not generation (teacher tokens are not paid twice)
     fake_stages.clear()
-    cfg3 = load([STAGES, f"run_dir={tmp_path}", "train.lr=0.5", "+domains.code.train_overrides.epochs=9"])
+    cfg3 = load([STAGES, f"run_dir={tmp_path}", "train.lr=0.5", "++domains.code.train_overrides.epochs=9"])
     pipeline.run_pipeline(cfg3)
     assert fake_stages == ["train", "merge", "evaluate", "report"]
 

@@ -33,7 +33,8 @@ def test_train_stage_trains_each_branch_concurrently(ray_cluster, tmp_path):
         "domains": {"math": {"kind": "math", **src},
                     "science": {"kind": "science", **src, "train_overrides": {"max_steps": 3, "zero_stage": 3}}},
         "train": {"num_workers": 2, "precision": "auto", "max_steps": 4, "lr": 3e-3, "micro_batch_size": 2,
-                  "max_len": 128, "checkpoint_every": 2, "zero_stage": 2}})
+                  "max_len": 128, "checkpoint_every": 2, "zero_stage": 2,
+                  "concurrent": 2}})  # side by side even where the cores hold one (CI's 2 cores)
     manifest = pipeline.run_stage(cfg, run, "train")
     res = manifest["result"]
     assert res["branches"] == 2
