@@ -89,9 +89,13 @@ def ray_head():
     agents = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
               f"--ray-client-server-port={free_port()}"]
-    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ["PATH"], RAY_AUTH_MODE="disabled")
+    # Token authentication as the README's quick start sets it up (Ray 2.60 turns it on for a head
+    # started where ~/.ray/auth_token exists, but its CLI sends the token only in token mode).
+    env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ["PATH"], RAY_AUTH_MODE="token")
     for k in ("RAY_ADDRESS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_RPC_BASE_PATH"):  # as on a user's shell
         env.pop(k, None)
+    subprocess.run([f"{VENV_BIN}/ray", "get-auth-token", "--generate"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     head = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8",
