@@ -112,6 +112,8 @@ def test_default_pipeline_submitted_to_a_cluster_end_to_end_then_rerun_skips(ray
     # the console: rdistill's lines, not the libraries' (the full stream is in the run's logs)
     assert "Traceback" not in p.stdout + p.stderr
     assert "Running Dataset" not in p.stdout + p.stderr  # Ray Data's progress blocks
+    assert "Deployment Options" not in p.stdout + p.stderr  # Serve LLM's, as the serve stage starts
+    assert "core_worker.cc" not in p.stdout + p.stderr  # Ray's C++ lines: logs/native.log
     assert (run_dir / "logs" / "workers.log").stat().st_size > 0
 
     # the merge is served on the cluster after the job returned, and answers

@@ -18,6 +18,7 @@ from typing import Optional
 
 from rdistill.config import EngineConfig, ServeConfig
 from rdistill.config.fields import ConfigError
+from rdistill.log import requiet
 
 log = logging.getLogger("rdistill")
 
@@ -147,8 +148,14 @@ def deploy(spec: ServeSpec, timeout_s: float = 1800.0) -> dict:
                     "for an autoscaler to add it", spec.min_replicas, "; ".join(short))
     t0 = time.time()
     serve.start(http_options={"host": spec.host, "port": spec.port})
+    # Serve gives its loggers console handlers as it starts, and Serve LLM's set up their own at
+    # import unless Serve's have one: quiet them before the app is built (its deployment options
+    # would fill the console) and again once it runs.
+    requiet()
+    app = build_app(spec)
     log.info("serve: deploying %s as '%s' at %s", spec.model, spec.served_name, spec.url)
-    serve.run(build_app(spec), name=spec.app_name, route_prefix="/", blocking=False)
+    serve.run(app, name=spec.app_name, route_prefix="/", blocking=False)
+    requiet()
     wait_ready(spec, timeout_s)
     startup = time.time() - t0
     log.info("serve: '%s' ready at %s after %.0fs", spec.served_name, spec.url, startup)
