@@ -64,7 +64,7 @@ def cost_markdown(run_dir: str | Path, domains: list[str]) -> str:
     lines += ["", "| side | cost |", "|---|---|",
               f"| branches | {s['branches_worker_s']:,.0f} {unit} in all; wall "
               + ", ".join(f"{m.split(':', 1)[-1]} {w:.0f} s" for m, w in s["branches_wall_s"].items() if w is not None)
-              + " (side by side when the cluster holds them) |"]
+              + " (side by side where the cores hold them, else one after another: train.concurrent) |"]
     if s.get("merge_wall_s") is not None:
         search = f", of which the search {s['search_s']:.0f} s" if s.get("search_s") else ""
         lines.append(f"| merge stage | {s['merge_wall_s']:.0f} s wall{search} |")
