@@ -46,8 +46,8 @@ def test_dry_run_with_the_merge_search_names_it_and_lists_what_evaluate_scores(t
 
 
 @pytest.mark.parametrize("overrides, n", [
-    ([], 11),
-    (["train.mixture_baseline=false", "eval.include_teacher=false"], 9),
+    ([], 8),  # base, 3 branches, mixture, merge:fusion, merge:search, teacher
+    (["train.mixture_baseline=false", "eval.include_teacher=false"], 6),
     (["merge=toy_fusion"], 7),
 ])
 def test_dry_run_lists_exactly_the_models_evaluate_scores(overrides, n, tmp_path):
