@@ -157,7 +157,7 @@ class TrainConfig:
     hold, except on CPUs, whose logical CPUs outnumber their cores (Ray Data's light stages need
     them): there, as many as the nodes' cores hold at num_workers x cpus_per_worker each, since
     DeepSpeed ranks that share a core wait for each other at every all-reduce (on 2 cores the
-    toy's four trainings took 378 s side by side, ~260 s one after another)."""
+    toy's four trainings took 378 s side by side, 324 s one after another)."""
     mixture_baseline: bool = False
     """Also train one student on the union of every domain's SFT set, seeing each domain's samples
     as often as that domain's branch does (the same tokens per domain; the `mixture` row of the
