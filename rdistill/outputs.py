@@ -173,16 +173,13 @@ def check_nodes_see(run_dir: Union[str, Path], timeout_s: float = 120.0) -> None
     import ray
 
     from rdistill.log import log
-    from rdistill.topology import pinned_to_node
+    from rdistill.topology import on_each_node
     root = Path(run_dir).absolute()
     token = uuid.uuid4().hex
     marker = root / f".rdistill-nodes-{token[:12]}"
     marker.write_text(token)
     try:
-        task = ray.remote(node_sees)
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = {task.options(**pinned_to_node(n["NodeID"])).remote(str(root), marker.name, token): n
-                for n in nodes}
+        refs = on_each_node(node_sees, str(root), marker.name, token)
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         for ref in ready:
             problem = ray.get(ref)

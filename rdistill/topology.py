@@ -128,6 +128,15 @@ def pinned_to_node(node_id: str) -> dict:
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
 
 
+def on_each_node(fn, *args, with_cpus: bool = False) -> dict:
+    """`fn(*args)` as a zero-CPU Ray task pinned to each alive node (only the nodes with CPUs when
+    `with_cpus`): {object ref: the node's ray.nodes() entry}, for per-node checks and questions."""
+    import ray
+    task = ray.remote(fn)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (not with_cpus or n["Resources"].get("CPU", 0) > 0)]
+    return {task.options(**pinned_to_node(n["NodeID"])).remote(*args): n for n in nodes}
+
+
 def engine_placement(device: str, tp: int = 1, pp: int = 1) -> dict:
     """Placement bundles of one vLLM engine replica (Ray Data LLM, Serve LLM).
     Without explicit CPU bundles the engine asks for a GPU and waits forever on a CPU machine."""
@@ -165,17 +174,16 @@ def train_concurrency(device: str, tc: TrainConfig, n_jobs: int) -> int:
     return max(1, min(n_jobs, int(cluster_cores() // per)))
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
 def cluster_cores() -> int:
     """Cores of the cluster's alive nodes (each node's os.cpu_count(), asked by a zero-CPU task
     pinned to it): Ray's CPU resource is a logical count and may be set above the cores."""
     import ray
-
-    @ray.remote
-    def cores() -> int:
-        return os.cpu_count() or 1
-    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
     try:
-        return sum(ray.get([cores.options(**pinned_to_node(n)).remote() for n in nodes], timeout=60))
+        return sum(ray.get(list(on_each_node(_cores, with_cpus=True)), timeout=60))
     except Exception:  # noqa: BLE001 (a node that does not answer: assume this machine's size)
         return os.cpu_count() or 1
 
