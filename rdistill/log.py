@@ -7,45 +7,27 @@ import re
 import sys
 import time
 
+from rdistill import progress
+
 log = logging.getLogger("rdistill")
+
+
+class _Console(logging.StreamHandler):
+    """rdistill's console lines, written above any progress bar on a terminal (not through it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with progress.console_write():
+            super().emit(record)
 
 
 def setup(level: int = logging.INFO) -> logging.Logger:
     if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _Console(sys.stderr)
         h.setFormatter(logging.Formatter("%(asctime)s rdistill %(message)s", "%H:%M:%S"))
         log.addHandler(h)
         log.propagate = False
     log.setLevel(level)
     return log
-
-
-class Progress:
-    """Prints `label: done/total (rate/s, eta)` at most every `every_s` seconds."""
-
-    def __init__(self, label: str, total: int | None = None, unit: str = "rows", every_s: float = 10.0):
-        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
-        self.done = 0
-        self.start = self._last = time.monotonic()
-
-    def update(self, n: int = 1, **extra) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= self.every_s or (self.total and self.done >= self.total):
-            self._last = now
-            self._emit(now, extra)
-
-    def _emit(self, now: float, extra: dict) -> None:
-        rate = self.done / max(now - self.start, 1e-9)
-        msg = f"{self.label}: {self.done}"
-        if self.total:
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            msg += f"/{self.total} {self.unit} ({rate:.1f}/s, eta {eta:.0f}s)"
-        else:
-            msg += f" {self.unit} ({rate:.1f}/s)"
-        if extra:
-            msg += " " + " ".join(f"{k}={v}" for k, v in extra.items())
-        log.info(msg)
 
 
 _log_file: str | None = None
@@ -139,6 +121,32 @@ def quiet_console(verbose: bool = False) -> None:
     data = logging.getLogger("ray.data._internal.progress.logging_progress")
     if not any(isinstance(h, _DataProgress) for h in data.handlers):
         data.addHandler(_DataProgress())
+    _data_progress_through_log()
+
+
+def _data_progress_through_log() -> None:
+    """Ray Data reports progress through its logging manager (the blocks `_DataProgress` reads)
+    only when stdout is not a terminal. On a terminal it draws Ray's tqdm bars, which reach no
+    console once its output is quieted: the user saw nothing move for minutes. So Ray Data always
+    logs its progress here, every 2 s on a terminal (rdistill's bar moves), else every 10 s."""
+    try:
+        from ray.data._internal.execution import streaming_executor as executor
+        from ray.data._internal.progress.logging_progress import LoggingExecutionProgressManager as Logging
+    except ImportError:  # another Ray: its own progress display stays
+        return
+    if progress.on_terminal():
+        Logging.LOG_REPORT_INTERVAL_SEC = 2
+    ray_default = executor.get_progress_manager
+    if getattr(ray_default, "rdistill", False):
+        return
+
+    def through_log(ctx, dataset_id, topology, verbose_progress):
+        if not ctx.enable_progress_bars:  # turned off by the user: Ray's no-op manager
+            return ray_default(ctx, dataset_id, topology, verbose_progress)
+        return Logging(dataset_id, topology, ctx.enable_operator_progress_bars, verbose_progress)
+
+    through_log.rdistill = True
+    executor.get_progress_manager = through_log
 
 
 def _is_console(h: logging.Handler) -> bool:
@@ -160,7 +168,7 @@ class _DataProgress(logging.Handler):
 
     def __init__(self, every_s: float = 30.0):
         super().__init__(logging.INFO)
-        self.every_s, self.last, self.block, self.name = every_s, 0.0, None, ""
+        self.every_s, self.block, self.name = every_s, None, ""
         self.started: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -174,17 +182,14 @@ class _DataProgress(logging.Handler):
             ops = [m for m in map(_OP.match, lines) if m and not m["name"].startswith(_NOT_OPS)]
             # the furthest operator that rows have reached: how far the pipeline's output is
             reached = [m for m in ops if m["done"] != "0"] or ops[:1]
-            if not reached or now - self.last < self.every_s:
+            if not reached:
                 return
-            self.last = now
             m = reached[-1]
             op = re.sub(r"^MapBatches\((.*)\)$", r"\1", m["name"].lstrip("- ").strip())
-            done, total = int(m["done"]), m["total"]
-            line = f"  {_stage or 'data'}: {op} {done}/{total}"
-            if total != "?" and done and now - t0 >= 1:
-                rate = done / (now - t0)
-                line += f" ({rate:.1f}/s, eta {max(0, int(total) - done) / rate:.0f}s)"
-            log.info(line)
+            total = None if m["total"] == "?" else int(m["total"])
+            # one bar (or one line every every_s) per stage, whichever of its datasets runs
+            progress.show("data", f"  {_stage or 'data'}: {op}", int(m["done"]), total,
+                          every_s=self.every_s, since=t0)
         elif self.block is not None and msg:
             self.block.append(msg)
 
@@ -196,6 +201,7 @@ def set_stage(name: str) -> None:
     """The stage running now: its name starts the progress lines of the libraries it drives."""
     global _stage
     _stage = name
+    progress.close_all()
 
 
 def _first_line(text: str) -> str:

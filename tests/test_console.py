@@ -155,3 +155,95 @@ print(path)
     assert "native chatter" not in p.stderr
     native = tmp_path / "logs" / "native.log"
     assert p.stdout.strip() == str(native) and "native chatter" in native.read_text()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_throttled_line_otherwise(monkeypatch):
+    """On a terminal a job's progress redraws one bar in place and rdistill's lines are written
+    above it; without one it is a line with the rate and ETA, at most every every_s seconds."""
+    from rdistill import progress
+    term = _Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    handler = rlog._Console(term)
+    rlog.log.addHandler(handler)
+    try:
+        for done in (0, 30, 60):
+            assert progress.show("data", "  generate: Write", done, 120)
+        rlog.log.info("a stage line")
+        progress.show("data", "  generate: Write", 90, 120)
+        rlog.set_stage("verify")  # a new stage closes the bars
+        assert not progress._bars
+    finally:
+        rlog.log.removeHandler(handler)
+        progress.close_all()
+    out = term.getvalue()
+    frames = out.split("\r")
+    assert any(f.startswith("generate: Write:  50%|") and "60/120" in f for f in frames), out
+    assert "generate: Write:  75%|" in out and "\n" not in out.replace("a stage line\n", "")
+    before_line = out[:out.index("a stage line")]
+    assert before_line.endswith("\r") and before_line.rsplit("\r", 2)[-2].strip() == ""  # cleared first
+
+    lines = []
+    logger = logging.getLogger("test.progress")
+    monkeypatch.setattr(logger, "info", lines.append)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    t0 = __import__("time").monotonic() - 10
+    assert progress.show("k", "train", 50, 200, unit="steps", since=t0, log=logger)
+    assert not progress.show("k", "train", 60, 200, unit="steps", since=t0, log=logger)  # within every_s
+    assert lines == ["train 50/200 steps (5.0/s, eta 30s)"]
+    progress.close_all()
+
+
+@pytest.mark.slow
+def test_ray_data_progress_is_a_bar_on_a_real_terminal(tmp_path):
+    """Under a pseudo-terminal, a Ray Data pipeline of a quiet run moves rdistill's bar (Ray Data
+    logs its progress to rdistill, not through its own bars, which reached no console)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+    script = tmp_path / "run.py"
+    script.write_text("""
+import time, ray, ray.data
+from rdistill import log as rlog
+lg = rlog.setup()
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+rlog.quiet_console()
+rlog.set_stage("verify")
+def slow(b):
+    time.sleep(0.4)
+    return b
+lg.info("before")
+ray.data.range(1000, override_num_blocks=16).map_batches(slow).materialize()
+lg.info("after")
+rlog.set_stage("")
+ray.shutdown()
+""")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the script on the terminal
+        os.execv(sys.executable, [sys.executable, str(script)])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a window 120 wide
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-3000:]
+    frames = text[text.index("rdistill before"):text.index("rdistill after")].split("\r")
+    bars = [f for f in frames if f.startswith("verify: ReadRange->MapBatches(slow):") and "%|" in f]
+    import re
+    moved = [f for f in bars if re.search(r" [1-9]\d*/\d{3,} \[", f)]  # rows done out of Ray Data's estimate
+    assert len(bars) >= 3 and moved, text[-3000:]
+    assert "Running Dataset" not in text

@@ -63,6 +63,8 @@ def main(argv: list[str]) -> int:
         return fail(e, log)
     finally:
         from rdistill.log import restore_native_stderr
+        from rdistill.progress import close_all
+        close_all()  # a bar left on the terminal by a failed stage
         restore_native_stderr()
 
 
