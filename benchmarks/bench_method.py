@@ -3,6 +3,11 @@ run on several seeds (branch data order and initialisation, the merge search's d
 evaluation's sampling) and prints each seed's table, the method's claims, and the mean over seeds.
 
     .venv/bin/python benchmarks/bench_method.py --run-dir runs/toy [--seeds 1 2 3] [--out FILE]
+        [--distill]   # the distill stage too (experiment=toy_distill): merge+distill against the mixture
+
+Besides the table and claims, each seed prints the issue's comparisons against the data-mixture
+baseline: the chosen merge's (and merge+distill's) mean and every domain, in standard errors of the
+difference (errors combined as if independent), and the share of each branch's gain kept.
 
 The teacher's SFT sets (toy, generate, verify) are shared: they are the data, not the method.
 Each seed runs in a copy of the run directory, through `jobs/run.py` as a user runs it.
@@ -24,22 +29,51 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = ("toy", "generate", "verify", "config.json")
 
 
-def one(run_dir: str, seed: int, scratch: str) -> dict:
+def _se_mean(ses: list[float]) -> float:
+    return sum(x * x for x in ses) ** 0.5 / len(ses)
+
+
+def against_mixture(results: list[dict], model: str, domains: list[str]) -> dict:
+    """`model` against the mixture and its branches: z of the mean and of each domain's difference
+    (negative: below the mixture), and each domain's gain over the base kept (vs its branch)."""
+    at = {(r["model"], r["domain"]): (r["pass_at_1"], r["stderr"]) for r in results}
+    z = lambda a, b: (a[0] - b[0]) / max((a[1] ** 2 + b[1] ** 2) ** 0.5, 1e-9)  # noqa: E731
+    mean = lambda m: (sum(at[(m, d)][0] for d in domains) / len(domains),  # noqa: E731
+                      _se_mean([at[(m, d)][1] for d in domains]))
+    out = {"model": model, "mean_z": round(z(mean(model), mean("mixture")), 2), "domains": {}}
+    for d in domains:
+        base, branch, m = at[("base", d)][0], at[(f"branch:{d}", d)][0], at[(model, d)][0]
+        out["domains"][d] = {"z": round(z(at[(model, d)], at[("mixture", d)]), 2),
+                             "kept": round((m - base) / (branch - base), 3) if branch > base else None}
+    return out
+
+
+def one(run_dir: str, seed: int, scratch: str, distill: bool = False) -> dict:
     dst = os.path.join(scratch, f"seed{seed}")
     os.makedirs(dst)
     for name in SHARED:
         src = os.path.join(run_dir, name)
         (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(dst, name))
     t0 = time.time()
-    p = subprocess.run([sys.executable, "jobs/run.py", f"run_dir={dst}", "stages=[train,merge,evaluate,report]",
+    stages = "[train,merge,distill,evaluate,report]" if distill else "[train,merge,evaluate,report]"
+    extra = ["experiment=toy_distill", f"distill.seed={seed}"] if distill else []
+    p = subprocess.run([sys.executable, "jobs/run.py", f"run_dir={dst}", f"stages={stages}", *extra,
                         f"seed={seed}", f"train.seed={seed}", f"merge.search.seed={seed}",
                         f"eval.sampling.seed={seed}"], cwd=REPO, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"seed {seed} failed:\n{p.stderr[-3000:]}")
     report = json.load(open(os.path.join(dst, "report", "manifest.json")))["result"]
     results = json.load(open(os.path.join(dst, "evaluate", "results.json")))
+    domains = sorted(report["method"]["domains"])
+    vs = [against_mixture(results, m, domains) for m in (report["merged"], "merge+distill")
+          if any(r["model"] == m for r in results)]
+    stage_s = {}
+    for stage in ("train", "merge", "distill"):
+        mf = os.path.join(dst, stage, "manifest.json")
+        if os.path.exists(mf):
+            stage_s[stage] = json.load(open(mf)).get("wall_time_s")
     return {"seed": seed, "wall_s": round(time.time() - t0, 1), "table": report["table"],
-            "method": report["method"],
+            "method": report["method"], "vs_mixture": vs, "stage_s": stage_s, "cost": report.get("cost"),
             "pass_at_1": {f"{r['model']}/{r['domain']}": r["pass_at_1"] for r in results}}
 
 
@@ -48,14 +82,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-dir", default="runs/toy", help="a finished toy run (toy, generate and verify done)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--out")
+    p.add_argument("--distill", action="store_true", help="run the distill stage too (experiment=toy_distill)")
     a = p.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="bench_method_")
     runs = []
     try:
         for s in a.seeds:
-            runs.append(one(os.path.abspath(a.run_dir), s, scratch))
+            runs.append(one(os.path.abspath(a.run_dir), s, scratch, a.distill))
             r = runs[-1]
-            print(f"\n== seed {s} ({r['wall_s']:.0f} s)\n{r['table']}")
+            print(f"\n== seed {s} ({r['wall_s']:.0f} s; stages {r['stage_s']})\n{r['table']}")
+            for v in r["vs_mixture"]:
+                print(f"  {v['model']} vs mixture: mean {v['mean_z']:+.1f} se; " + ", ".join(
+                    f"{d} {x['z']:+.1f} se (gain kept {x['kept']:.0%})" for d, x in v["domains"].items()))
             for c in r["method"]["claims"]:
                 print(f"  {'held' if c['held'] else 'DID NOT HOLD'}: {c['claim']} ({c['evidence']})")
     finally:

@@ -173,8 +173,10 @@ def test_report_shows_the_search_and_its_margin_over_the_fixed_recipes(run_dir, 
     sel["scores"]["search"] = {"domains": {"math": 0.75, "code": 0.55, "science": 0.6}, "objective": 0.6333}
     sel.update(candidate="search", path="merge/search/final")
     (run_dir / "evaluate" / "selection.json").write_text(json.dumps(sel))
+    dev_of = {"c00": {"10": {"code": 0.3, "math": 0.5, "science": 0.4}},
+              "c03": {"10": {"code": 0.5, "math": 0.7, "science": 0.6}, "30": {"code": 0.6, "math": 0.7, "science": 0.6}}}
     cand = lambda name, label, obj: {"name": name, "label": label, "steps": [], "out_at_rung": None,  # noqa: E731
-                                     "dev": {}, "objective": obj}
+                                     "dev": dev_of.get(name, {}), "objective": obj}
     (run_dir / "merge").mkdir()
     (run_dir / "merge" / "search.json").write_text(json.dumps({
         "chosen": "c03", "label": "task_arithmetic w=0.7/0.85/1", "objective": "mean", "engine_starts": 2,
@@ -186,9 +188,13 @@ def test_report_shows_the_search_and_its_margin_over_the_fixed_recipes(run_dir, 
     md = (tmp_path / "r" / "report.md") if build_report(run_dir, tmp_path / "r") else None
     text = md.read_text()
     assert "Chosen: **c03**, task_arithmetic w=0.7/0.85/1" in text
-    assert "| c03 (chosen) | task_arithmetic w=0.7/0.85/1 | 30 | 63.0 |" in text
-    assert "| c00 | linear (equal weights) | 10 | 40.0 |" in text
-    assert "| r00 | task_arithmetic w=0.85/0.85/1 (refines c03) | 30 | 61.0 |" in text
+    # each candidate's dev score per domain at the last rung it reached
+    assert "| candidate | recipe | dev prompts | dev objective | code | math | science |" in text
+    assert "| c03 (chosen) | task_arithmetic w=0.7/0.85/1 | 30 | 63.0 | 60.0 | 70.0 | 60.0 |" in text
+    assert "| c00 | linear (equal weights) | 10 | 40.0 | 30.0 | 50.0 | 40.0 |" in text
+    assert "| r00 | task_arithmetic w=0.85/0.85/1 (refines c03) | 30 | 61.0 | - | - | - |" in text
+    assert "Best per method (the candidate that reached the furthest rung, then the best there): " \
+           "task_arithmetic 63.0 (c03, 30 prompts), linear 40.0 (c00, 10 prompts)." in text
     assert ("2 candidates, successive halving over 2 rung(s) of 10, 30 dev prompts per domain, then 1 "
             "refinement candidate(s)") in text
     # dev: 63.3 vs fusion's 60.0; test mean: 63.0 vs fusion's 60.0

@@ -83,12 +83,23 @@ def _search_md(srch: dict | None, sel: dict | None, t) -> str:
              f"{len(srch['candidates']) - len(refined)} candidates, successive halving over {len(rungs)} rung(s) of "
              f"{', '.join(map(str, rungs))} dev prompts per domain{also}; {srch['engine_starts']} engine start(s), "
              f"{srch['seconds']:.0f} s.", "",
-             "| candidate | recipe | dev prompts | dev objective |", "|---|---|---:|---:|"]
+             ]
+    domains = sorted({d for c in srch["candidates"] for s in (c.get("dev") or {}).values() for d in s})
+    lines += ["| candidate | recipe | dev prompts | dev objective | " + " | ".join(domains) + " |",
+              "|---|---|---:|---:|" + "---:|" * len(domains)]
+    best: dict[str, tuple] = {}  # method -> (rung reached, objective, candidate): its best, as far as it got
     for c in sorted(srch["candidates"], key=lambda c: (-max(map(int, c["objective"])), -max(c["objective"].values()))):
         k = str(max(map(int, c["objective"])))
         mark = " (chosen)" if c["name"] == srch["chosen"] else ""
         whence = f" (refines {c['refined_from']})" if c.get("refined_from") else ""
-        lines.append(f"| {c['name']}{mark} | {c['label']}{whence} | {k} | {100 * c['objective'][k]:.1f} |")
+        dev = (c.get("dev") or {}).get(k, {})
+        cells = " | ".join(f"{100 * dev[d]:.1f}" if d in dev else "-" for d in domains)
+        lines.append(f"| {c['name']}{mark} | {c['label']}{whence} | {k} | {100 * c['objective'][k]:.1f} | {cells} |")
+        method = c["label"].split()[0]
+        best[method] = max(best.get(method, (0, 0.0, "")), (int(k), c["objective"][k], c["name"]))
+    lines += ["", "Best per method (the candidate that reached the furthest rung, then the best there): " + ", ".join(
+        f"{m} {100 * o:.1f} ({n}, {k} prompts)" for m, (k, o, n) in
+        sorted(best.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))) + "."]
     fixed = [n for n in (sel or {}).get("scores", {}) if n != "search"]
     if fixed and "search" in (sel or {}).get("scores", {}):
         dev = sel["scores"]
