@@ -296,17 +296,10 @@ def _stats_params(step: MergeStep, models: list[InputModel], opts: "Options", ou
     return {STATS_KEY: stats.ensure(step, models, opts, where, log)}
 
 
-def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str] = lambda r: r,
-             opts: Optional[Options] = None, log: Callable[[str], None] = print) -> dict:
-    """Merge one step into out_dir (replaced when complete). Returns counts and timings."""
-    opts = opts or Options()
-    t0 = time.time()
-    out_dir = Path(out_dir).absolute()
-    refs = step.inputs
-    models = [load_input(r, resolve(r)) for r in refs]
-    shapes, vocab = check_inputs(models, opts.unsafe_truncate_embeddings)
-    stats = _stats_params(step, models, opts, out_dir, log)
-    donor = models[0]  # base first, else the first listed model (mergekit's donor)
+def _items(step: MergeStep, models: list[InputModel], shapes: dict, opts: Options,
+           stats: dict) -> tuple[list[OutTensor], dict, list[UnitTensor]]:
+    """The output's shard layout and one work item per output tensor, its parameters resolved."""
+    donor = models[0]
     order = sorted(donor.tensors, key=lambda n: (donor.tensors[n].file, donor.tensors[n].start))
     specs = [(n, shapes[n], _out_dtype(step, [m.tensors[n] for m in models])) for n in order]
     placed, headers = layout_shards(specs, opts.shard_size)
@@ -322,6 +315,33 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         if problem:  # e.g. a rank larger than the layer: refused before any work
             raise PlanError(f"{step.name}: {problem}")
         items.append(UnitTensor(out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
+    return placed, headers, items
+
+
+def plan_peak(step: MergeStep, resolve: Callable[[str], str], opts: Options, width: int) -> tuple[int, int]:
+    """(the most bytes the step's work can hold at once, the budget), from the inputs' headers
+    alone: the dry run's figure. Raises BudgetError as the merge would."""
+    models = [load_input(r, resolve(r)) for r in step.inputs]
+    shapes, _ = check_inputs(models, opts.unsafe_truncate_embeddings)
+    _, _, items = _items(step, models, shapes, opts, {})
+    budget = resolve_budget(opts.max_memory)
+    first, blocks, small = plan_work(items, step, opts, width, budget)
+    costs = sorted((item_bytes(step.merge_method, step.dtype, t) for t in first + blocks + small), reverse=True)
+    return min(budget, sum(costs[:width])), budget
+
+
+def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str] = lambda r: r,
+             opts: Optional[Options] = None, log: Callable[[str], None] = print) -> dict:
+    """Merge one step into out_dir (replaced when complete). Returns counts and timings."""
+    opts = opts or Options()
+    t0 = time.time()
+    out_dir = Path(out_dir).absolute()
+    refs = step.inputs
+    models = [load_input(r, resolve(r)) for r in refs]
+    shapes, vocab = check_inputs(models, opts.unsafe_truncate_embeddings)
+    stats = _stats_params(step, models, opts, out_dir, log)
+    donor = models[0]  # base first, else the first listed model (mergekit's donor)
+    placed, headers, items = _items(step, models, shapes, opts, stats)
     if opts.in_process:
         cpus = os.cpu_count() or 1
     else:
