@@ -27,9 +27,9 @@ from rdistill.merge.methods import (combine, fusion_importance, fusion_keep, fus
                                     fusion_threshold, sample_indices)
 
 _BINS = 1 << 15
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 """TIES works through a block this many elements (whole rows) at a time: its masks, signs and
-task vectors are then a few MB whatever the block's size, and the result is the same bits
+task vectors are then about 1-2 MB whatever the block's size, and the result is the same bits
 (every step after the threshold is element-wise)."""
 
 

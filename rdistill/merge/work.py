@@ -157,7 +157,7 @@ _MALLOC_SET = False
 
 
 def release_freed_buffers() -> None:
-    """Make glibc hand buffers of 1 MiB and more back to the kernel when torch frees them. By
+    """Make glibc hand buffers of 4 MiB and more back to the kernel when torch frees them. By
     default its mmap threshold grows to 32 MiB, and freed tensors below it stay in per-thread
     arenas, fragmented: a merge of mid-sized tensors then kept about twice its live memory
     resident. Once per process (the setting is process-wide); a no-op where there is no glibc."""
@@ -167,7 +167,7 @@ def release_freed_buffers() -> None:
     _MALLOC_SET = True
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
