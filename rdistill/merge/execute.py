@@ -13,6 +13,7 @@ generation config come from the base model (else the first model), as mergekit d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from rdistill.errors import RdistillError
 from rdistill.merge.budget import item_bytes, resolve_budget, rows_that_fit, run_within, too_small
 from rdistill.merge.inputs import InputModel, check_inputs, load_input
 from rdistill.merge.methods import METHODS
-from rdistill.merge.plan import MergeStep, PlanError, tensor_parameters
+from rdistill.merge.plan import MergeStep, PlanError, check_slices, tensor_parameters
 from rdistill.merge.st_io import (InputError, OutTensor, TensorLoc, create_shards, layout_shards,
                                   write_index)
 from rdistill.merge.work import (FLOAT_RANK, Unit, UnitTensor, compute_dtype, merge_unit, row_block,
@@ -304,6 +305,7 @@ def _items(step: MergeStep, models: list[InputModel], shapes: dict, opts: Option
     specs = [(n, shapes[n], _out_dtype(step, [m.tensors[n] for m in models])) for n in order]
     placed, headers = layout_shards(specs, opts.shard_size)
     layers = _num_layers(models)
+    check_slices(step, layers)
     check = METHODS[step.merge_method].check
     items = []
     for out in placed:
@@ -373,6 +375,7 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
              "out_dtype": step.out_dtype, "parameters": step.parameters, "seed": opts.seed,
              "models": [{"model": m.model, "parameters": m.parameters, **({"data": m.data} if m.data else {})}
                         for m in step.models],
+             **({"slices": [dataclasses.asdict(sl) for sl in step.slices]} if step.slices else {}),
              "resolved": {r: m.path for r, m in zip(refs, models)}}, indent=2, default=str))
         if checked:
             checked()
