@@ -76,7 +76,7 @@ def _work(method: str, n: int, e: int, c: int, chunk: int) -> int:
     work size, two_pass.CHUNK elements)."""
     if method == "ties_two_pass":  # per chunk: task vectors, masks, signs, sums; histograms
         k = min(e, chunk)
-        return (n - 1) * k * (3 * c + 2) + k * (4 * c + 24) + 4 * (1 << 15) * 8 * n
+        return (n - 1) * k * (3 * c + 2) + k * (4 * c + 24) + 3 * (1 << 15) * 8
     if method in ("ties", "task_arithmetic", "dare_ties", "dare_linear"):  # whole tensor
         return (n - 1) * e * (3 * c + 2) + e * (4 * c + 24)
     if method == "linear":

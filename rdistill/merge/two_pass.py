@@ -8,7 +8,7 @@ into what each block needs, and pass 2 merges each block (`apply`). Every block 
 run on a different core or node, and the result equals whole-tensor merging bit for bit:
 
 - TIES (16-bit compute, no rescale): a histogram of the 16-bit patterns of |task vector| per
-  block (bf16 and fp16 non-negative values sort as their bit patterns), so the threshold is exact
+  block (its non-zero bins) (bf16 and fp16 non-negative values sort as their bit patterns), so the threshold is exact
   and O(n); of the entries equal to it, the first ones in index order are kept until exactly k
   are (as `methods.top_k_mask` does), which needs how many ties lie in the blocks before.
 - Arcee Fusion: importance is row-local (a per-row KL times |change|), so a block computes its
@@ -59,8 +59,15 @@ def stats(method: str, xs: list[torch.Tensor], per: list[dict], offset: int, num
     Fusion: (positions in the quantile sample, importances there, the rows' KL)."""
     if method == "ties":
         base = xs[0]
-        return [sum(torch.bincount(_bits(x[c] - base[c]).reshape(-1), minlength=_BINS)[:_BINS] for c in _chunks(base))
-                if 0 < p["density"] < 1 else None for x, p in zip(xs[1:], per)]
+        out = []
+        for x, p in zip(xs[1:], per):
+            if not 0 < p["density"] < 1:
+                out.append(None)
+                continue
+            hist = sum(torch.bincount(_bits(x[c] - base[c]).reshape(-1), minlength=_BINS)[:_BINS] for c in _chunks(base))
+            bins = hist.nonzero().reshape(-1)  # sparse: the driver holds every block's until it reduces them
+            out.append((bins.to(torch.int32), hist[bins].to(torch.int32)))
+        return out
     kl = fusion_kl(xs[0], xs[1])  # the softmaxes: most of the work, so pass 2 reuses it
     flat = fusion_importance(xs[0], xs[1], kl).reshape(-1)
     idx = sample_indices(numel, seed)
@@ -79,14 +86,17 @@ def reduce(method: str, parts: list, per: list[dict], numel: int) -> list:
                 for o in out:
                     o.append(None)
                 continue
-            hist = torch.stack([part[i] for part in parts]).sum(0)
+            hist = torch.zeros(_BINS, dtype=torch.int64)
+            for part in parts:
+                hist.index_add_(0, part[i][0].long(), part[i][1].long())
             k = max(1, int(p["density"] * numel))
             ge = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # ge[b] = count(bits >= b)
             thr = int((ge >= k).nonzero().max())
             need = k - (int(ge[thr + 1]) if thr + 1 < _BINS else 0)  # ties at thr to keep
             seen = 0
             for o, part in zip(out, parts):
-                n_eq = int(part[i][thr])
+                bins, counts = part[i]
+                n_eq = int(counts[bins == thr].sum())
                 o.append((thr, need, seen, n_eq))
                 seen += n_eq
         return out

@@ -153,29 +153,36 @@ def _merge_one(io: TensorIO, method: str, t: UnitTensor) -> Any:
     return None
 
 
-_MALLOC_SET = False
+_LIBC: Any = False  # glibc once loaded (None: not glibc)
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is False:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            _LIBC = None
+    return _LIBC
 
 
 def release_freed_buffers() -> None:
-    """Make glibc hand buffers of 4 MiB and more back to the kernel when torch frees them. By
-    default its mmap threshold grows to 32 MiB, and freed tensors below it stay in per-thread
-    arenas, fragmented: a merge of mid-sized tensors then kept about twice its live memory
-    resident. Once per process (the setting is process-wide); a no-op where there is no glibc."""
-    global _MALLOC_SET
-    if _MALLOC_SET:
-        return
-    _MALLOC_SET = True
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    """Hand memory torch freed back to the kernel. glibc's mmap threshold is fixed at 4 MiB
+    (by default it grows to 32 MiB), so tensors and blocks are unmapped when freed; the smaller
+    buffers left free in the per-thread arenas are returned by malloc_trim after each unit.
+    Without both a merge of mid-sized tensors kept about twice its live memory resident, and
+    memory did not follow the budget. A no-op where there is no glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_gpu: bool) -> dict:
     """One task: merge and write the unit's tensors. Returns counts, the tensors that came out
     non-finite, and the first-pass statistics of two-pass blocks by (tensor, block)."""
-    release_freed_buffers()
+    _libc()
     t0 = time.time()
     io = TensorIO(out_dir, dtype, use_gpu)
     stats = {}
@@ -186,6 +193,7 @@ def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_
                 stats[(t.out.name, t.block)] = s
     finally:
         io.close()
+        release_freed_buffers()
     return {"tensors": len(unit.tensors), "bytes": sum(t.out.nbytes for t in unit.tensors), "nonfinite": io.bad,
             "seconds": time.time() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "pid": os.getpid(), "stats": stats}
