@@ -1,23 +1,30 @@
-"""Merge benchmark: rdistill's streaming Ray merge against mergekit's CLI, and the I/O floor; then
-both command lines end to end as a user runs them (`jobs/merge.py` merges in its own threads when
-no cluster is given), alternating.
+"""Merge benchmark: `jobs/merge.py CFG OUT` against `mergekit-yaml CFG OUT` on the same inputs,
+as a user runs them (whole processes, start-up included, alternating), over a sweep of model
+shapes: wall time and peak memory for TIES, Arcee Fusion and linear. Then the CLI's peak under
+a fixed `--max-memory` at two model sizes (flat in model size).
 
-    .venv/bin/python benchmarks/bench_merge.py [--work DIR] [--size-gb 1.0] [--methods linear,ties,arcee_fusion]
+    .venv/bin/python benchmarks/bench_merge.py [--work DIR] [--shapes embedding,mid,deep]
+        [--methods ties,arcee_fusion,linear] [--repeats 2] [--scale 1] [--flat-budget 256M]
 
-Builds a random Qwen2-shaped base (about --size-gb in bf16) and three variants (base + noise),
-then for each method merges them with `mergekit-yaml` (a subprocess; peak RSS from the kernel)
-and with `rdistill.merge.merge` on a Ray cluster of this machine's cores (workers started before
-timing, as in a running pipeline; memory = the sum of the merge workers' peak RSS plus the
-driver's growth), and prints wall time, peak memory, their ratios, and the floor: reading every
-input byte and writing the output once. Ray's own start-up is timed and printed separately.
+Shapes (random Qwen2-shaped bf16 models, a base and three variants = base + noise, inputs in
+shards of about 100 MB):
+- embedding: one dominant embedding matrix (152k x 512, 93% of the bytes), 2 layers;
+- mid: many mid-sized tensors (hidden 1024, MLP 2816, 6 layers x --scale, 32k vocabulary);
+- deep: many layers with a small vocabulary (hidden 256, 48 layers, 4k vocabulary).
+
+Memory is measured the same way for both programs (benchmarks/procmem.py): the peak over time
+of the process tree's anonymous resident memory (RssAnon summed over the process and its
+children, sampled every 3 ms: heap and tensors, not the page cache or mmapped input files),
+and the kernel's peak RSS (ru_maxrss, which also counts mmapped file pages) beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,197 +34,177 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.procmem import measure  # noqa: E402
 
-def make_models(work: Path, size_gb: float) -> dict[str, Path]:
-    """base, v0, v1, v2: Qwen2 shapes (hidden 1024, 24 layers at 1 GB), bf16, one shard each."""
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config
-    layers = max(2, round(24 * (size_gb * 1e9 / 2 - 155.6e6) / 308e6))
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True,
-                      architectures=["Qwen2ForCausalLM"])
-    cfg.dtype = "bfloat16"
-    shapes = {"model.embed_tokens.weight": (151936, 1024), "model.norm.weight": (1024,)}
+SHAPES = {  # hidden, intermediate, layers, vocabulary
+    "embedding": (512, 1408, 2, 151936),
+    "mid": (1024, 2816, 6, 32000),
+    "deep": (256, 704, 48, 4096),
+}
+
+
+def _tensors(h: int, inter: int, layers: int, vocab: int) -> dict[str, tuple]:
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(layers):
         p = f"model.layers.{i}."
         for n in ("q", "k", "v", "o"):
-            shapes[f"{p}self_attn.{n}_proj.weight"] = (1024, 1024)
+            shapes[f"{p}self_attn.{n}_proj.weight"] = (h, h)
         for n in ("q", "k", "v"):
-            shapes[f"{p}self_attn.{n}_proj.bias"] = (1024,)
-        shapes[f"{p}mlp.gate_proj.weight"] = shapes[f"{p}mlp.up_proj.weight"] = (2816, 1024)
-        shapes[f"{p}mlp.down_proj.weight"] = (1024, 2816)
-        shapes[f"{p}input_layernorm.weight"] = shapes[f"{p}post_attention_layernorm.weight"] = (1024,)
-    out = {}
-    for i, name in enumerate(["base", "v0", "v1", "v2"]):
-        d = work / name
-        out[name] = d
-        if (d / "model.safetensors").exists():
-            continue
+            shapes[f"{p}self_attn.{n}_proj.bias"] = (h,)
+        shapes[f"{p}mlp.gate_proj.weight"] = shapes[f"{p}mlp.up_proj.weight"] = (inter, h)
+        shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
+        shapes[f"{p}input_layernorm.weight"] = shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    return shapes
+
+
+def make_models(work: Path, shape: str, scale: int = 1, shard_mb: int = 100) -> dict[str, Path]:
+    """{base, v0, v1, v2}: a random Qwen2 of `shape` (layers x scale) and three variants."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config
+    h, inter, layers, vocab = SHAPES[shape]
+    layers *= scale
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=h // 64, num_key_value_heads=h // 64, tie_word_embeddings=True,
+                      architectures=["Qwen2ForCausalLM"])
+    cfg.dtype = "bfloat16"
+    shapes = _tensors(h, inter, layers, vocab)
+    root = work / f"{shape}x{scale}"
+    out = {n: root / n for n in ("base", "v0", "v1", "v2")}
+    if all((d / "config.json").exists() for d in out.values()):
+        return out
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g).mul_(0.02).add_(1.0 if k.endswith("norm.weight") else 0.0)
+            for k, s in shapes.items()}  # float32: each variant adds its noise before rounding
+    for i, d in enumerate(out.values()):
         d.mkdir(parents=True, exist_ok=True)
-        cfg.save_pretrained(d)
-        g = torch.Generator().manual_seed(0)  # the same base draw for every model
         gv = torch.Generator().manual_seed(100 + i)
-        sd = {}
-        for k, shape in shapes.items():
-            t = torch.randn(shape, generator=g) * 0.02 + (1.0 if k.endswith("norm.weight") else 0.0)
-            if i:
-                t += 0.002 * i * torch.randn(shape, generator=gv)
-            sd[k] = t.to(torch.bfloat16)
-        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-        del sd
+        shards: list[dict] = [{}]
+        size = 0
+        for k, t in base.items():
+            t = (t + 0.002 * i * torch.randn(t.shape, generator=gv) if i else t).to(torch.bfloat16)
+            if shards[-1] and size + t.nbytes > shard_mb << 20:
+                shards.append({})
+                size = 0
+            shards[-1][k] = t
+            size += t.nbytes
+        wmap = {}
+        for j, sd in enumerate(shards):
+            fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sd, d / fname, metadata={"format": "pt"})
+            wmap.update({k: fname for k in sd})
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+        cfg.save_pretrained(d)  # last: its presence marks a complete model
     return out
 
 
 def plans(m: dict[str, Path]) -> dict[str, dict]:
     s = {k: str(v) for k, v in m.items()}
     return {
-        "linear": {"merge_method": "linear", "dtype": "bfloat16", "models": [
-            {"model": s["v0"], "parameters": {"weight": 1.0}}, {"model": s["v1"], "parameters": {"weight": 0.5}},
-            {"model": s["v2"], "parameters": {"weight": 0.25}}]},
         "ties": {"merge_method": "ties", "base_model": s["base"], "dtype": "bfloat16", "models": [
             {"model": s[v], "parameters": {"weight": w, "density": d}}
             for v, w, d in (("v0", 1.0, 0.5), ("v1", 0.5, 0.3), ("v2", 0.7, 0.7))]},
         "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": s["v1"], "dtype": "bfloat16",
                          "out_dtype": "bfloat16", "models": [{"model": s["v0"]}]},
+        "linear": {"merge_method": "linear", "dtype": "bfloat16", "models": [
+            {"model": s["v0"], "parameters": {"weight": 1.0}}, {"model": s["v1"], "parameters": {"weight": 0.5}},
+            {"model": s["v2"], "parameters": {"weight": 0.25}}]},
     }
 
 
-def inputs_of(plan: dict) -> list[str]:
-    return ([plan["base_model"]] if plan.get("base_model") else []) + [m["model"] for m in plan["models"]]
+def model_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.glob("*.safetensors"))
 
 
-def floor(plan: dict, out: Path) -> float:
-    """Read every input byte once and write an output of the base's size once (no math)."""
-    t0 = time.time()
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
-    for d in inputs_of(plan):
-        with open(Path(d) / "model.safetensors", "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
-    size = (Path(inputs_of(plan)[0]) / "model.safetensors").stat().st_size
-    with open(out, "wb", buffering=0) as f:
-        left = size
-        while left > 0:
-            n = f.write(view[:min(left, len(buf))])
-            left -= n
-    wall = time.time() - t0
-    out.unlink()
-    return wall
-
-
-def _timed(cmd: list[str], out: Path) -> tuple[float, float]:
-    """(wall s, peak MB) of a command as a user runs it: its own process, which for both CLIs
-    below does all the work (rdistill's in its threads when no cluster is given)."""
+def _run(cmd: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-    wall = time.time() - t0
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}): {proc.stderr.read()[-2000:]}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the CLI alone: its threads
+    r = measure(cmd, env=env)
     shutil.rmtree(out, ignore_errors=True)
-    return wall, usage.ru_maxrss / 1024
+    if r["rc"]:
+        raise SystemExit(f"{cmd[0]} failed (exit {r['rc']}): {r['stderr'][-2000:]}")
+    return r
 
 
-def _plan_file(plan: dict, work: Path, name: str) -> Path:
+def run_mergekit(cfg: Path, out: Path) -> dict:
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    return _run([str(exe), str(cfg), str(out), "--no-write-model-card", "--quiet"], out)
+
+
+def run_cli(cfg: Path, out: Path, *extra: str) -> dict:
+    return _run([sys.executable, str(REPO / "jobs" / "merge.py"), str(cfg), str(out), *extra], out)
+
+
+def _cfg(plan: dict, work: Path, name: str) -> Path:
     import yaml
     cfg = work / f"{name}.yml"
     cfg.write_text(yaml.safe_dump(plan))
     return cfg
 
 
-def run_mergekit(plan: dict, work: Path, name: str) -> tuple[float, float]:
-    exe = Path(sys.executable).parent / "mergekit-yaml"
-    out = work / f"mk_{name}"
-    return _timed([str(exe), str(_plan_file(plan, work, name)), str(out), "--no-write-model-card", "--quiet"], out)
+def sweep(work: Path, shapes: list[str], methods: list[str], repeats: int, scale: int) -> list[dict]:
+    """Every shape x method: both CLIs alternating, medians of `repeats`."""
+    rows = []
+    print("| shape | method | mergekit s | rdistill s | speed-up | mergekit peak anon MB | rdistill peak anon MB "
+          "| memory ratio | mergekit max RSS MB | rdistill max RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        models = make_models(work, shape, scale)
+        for name in methods:
+            cfg = _cfg(plans(models)[name], work, f"{shape}_{name}")
+            mk, rd = [], []
+            for _ in range(repeats):
+                mk.append(run_mergekit(cfg, work / "out_mk"))
+                rd.append(run_cli(cfg, work / "out_rd"))
+            med = {f"{who}_{k}": statistics.median(r[k] for r in runs) for who, runs in (("mk", mk), ("rd", rd))
+                   for k in ("wall_s", "peak_anon_bytes", "maxrss_bytes")}
+            row = {"shape": shape, "method": name, "model_mb": model_bytes(models["base"]) / 1e6, **med}
+            rows.append(row)
+            print(f"| {shape} ({row['model_mb']:.0f} MB) | {name} | {med['mk_wall_s']:.1f} | {med['rd_wall_s']:.1f} "
+                  f"| {med['mk_wall_s'] / med['rd_wall_s']:.1f}x | {med['mk_peak_anon_bytes'] / 2**20:.0f} "
+                  f"| {med['rd_peak_anon_bytes'] / 2**20:.0f} "
+                  f"| {med['rd_peak_anon_bytes'] / med['mk_peak_anon_bytes']:.2f} "
+                  f"| {med['mk_maxrss_bytes'] / 2**20:.0f} | {med['rd_maxrss_bytes'] / 2**20:.0f} |", flush=True)
+    return rows
 
 
-def run_cli(plan: dict, work: Path, name: str) -> tuple[float, float]:
-    out = work / f"cli_{name}"
-    return _timed([sys.executable, str(REPO / "jobs" / "merge.py"), str(_plan_file(plan, work, name)), str(out)], out)
-
-
-def cli_table(models: dict, work: Path, methods: list[str], repeats: int) -> None:
-    """The drop-in as a user sees it: `jobs/merge.py CFG OUT` against `mergekit-yaml CFG OUT`,
-    alternating, whole processes timed (start-up included), medians of `repeats` each."""
-    import statistics
-    print("\nCLI end to end (alternating runs, medians):")
-    print("| method | mergekit-yaml s | jobs/merge.py s | speed-up | mergekit peak GB | rdistill peak GB | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
+def flat(work: Path, budget: str, scales: list[int], methods: list[str]) -> None:
+    """The CLI's peak under one --max-memory at two model sizes (the mid shape, layers x scale)."""
+    print(f"\nPeak under --max-memory {budget} (mid shape):")
+    print("| method | " + " | ".join(f"model MB (x{s}) | peak anon MB (x{s})" for s in scales) + " |")
+    print("|---|" + "---|---|" * len(scales))
     for name in methods:
-        plan = plans(models)[name]
-        mk, rd = [], []
-        for _ in range(repeats):
-            mk.append(run_mergekit(plan, work, name))
-            rd.append(run_cli(plan, work, name))
-        mkw, rdw = statistics.median(w for w, _ in mk), statistics.median(w for w, _ in rd)
-        mkp, rdp = statistics.median(p for _, p in mk), statistics.median(p for _, p in rd)
-        print(f"| {name} | {mkw:.1f} | {rdw:.1f} | {mkw / rdw:.1f}x | {mkp / 1024:.2f} | {rdp / 1024:.2f} "
-              f"| {rdp / mkp:.2f} |", flush=True)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        cells = []
+        for s in scales:
+            models = make_models(work, "mid", s)
+            r = run_cli(_cfg(plans(models)[name], work, f"flat_{name}_{s}"), work / "out_rd", "--max-memory", budget)
+            cells += [f"{model_bytes(models['base']) / 1e6:.0f}", f"{r['peak_anon_bytes'] / 2**20:.0f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/rdistill_bench_merge")
-    ap.add_argument("--size-gb", type=float, default=1.0)
-    ap.add_argument("--methods", default="linear,ties,arcee_fusion")
-    ap.add_argument("--tasks", type=int, default=os.cpu_count())
+    ap.add_argument("--shapes", default="embedding,mid,deep")
+    ap.add_argument("--methods", default="ties,arcee_fusion,linear")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each CLI (medians)")
+    ap.add_argument("--scale", type=int, default=1, help="layers x scale")
+    ap.add_argument("--flat-budget", default="256M", help="--max-memory of the two-size run ('' skips it)")
+    ap.add_argument("--flat-scales", default="1,3")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
-    ap.add_argument("--cli-repeats", type=int, default=3, help="alternating runs of each CLI (0: skip)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    models = make_models(work, a.size_gb)
-    size = (models["base"] / "model.safetensors").stat().st_size
-    print(f"models: 4 x {size / 1e9:.2f} GB bf16 in {work} ({time.time() - t0:.0f}s to build)", flush=True)
-
-    import ray
-
-    from rdistill.config import RayConfig
-    from rdistill.merge import merge
-    from rdistill.topology import init_ray
-    rows = []
-    for name in a.methods.split(","):
-        plan = plans(models)[name]
-        fl = floor(plan, work / "floor.bin")
-        mk_wall, mk_peak = run_mergekit(plan, work, name)
-        t = time.time()
-        init_ray(RayConfig(num_cpus=a.tasks))
-        ray_start = time.time() - t
-        ray.get([ray.remote(lambda: __import__("torch").__version__).options(num_cpus=1).remote()
-                 for _ in range(a.tasks)])  # warm workers, as in a running pipeline
-        driver0 = rss_mb()
-        steps: list = []
-        t = time.time()
-        out = merge(plan, work / f"rd_{name}", num_tasks=a.tasks, log=lambda s: None, stats=steps)
-        rd_wall = time.time() - t
-        stats = steps[0]
-        rd_peak = stats["sum_worker_peak_rss_mb"] + max(0.0, rss_mb() - driver0)
-        ray.shutdown()
-        shutil.rmtree(out, ignore_errors=True)
-        rows.append((name, len(inputs_of(plan)), fl, mk_wall, rd_wall, mk_peak, rd_peak, ray_start))
-        print(f"{name}: floor {fl:.1f}s mergekit {mk_wall:.1f}s rdistill {rd_wall:.1f}s "
-              f"(ray start {ray_start:.1f}s) peak MB mergekit {mk_peak:.0f} rdistill {rd_peak:.0f}", flush=True)
-    print("\n| method | inputs | floor s | mergekit s | rdistill s | speed-up | rdistill / floor "
-          "| mergekit peak GB | rdistill peak GB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, n, fl, mk, rd, mkp, rdp, _ in rows:
-        print(f"| {name} | {n} | {fl:.1f} | {mk:.1f} | {rd:.1f} | {mk / rd:.1f}x | {rd / fl:.2f}x "
-              f"| {mkp / 1024:.2f} | {rdp / 1024:.2f} | {rdp / mkp:.2f} |")
-    print(f"\nmodel size {size / 1e9:.2f} GB; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
-          f"Ray start-up (not in rdistill s): {', '.join(f'{r[7]:.1f}s' for r in rows)}")
-    if a.cli_repeats:
-        cli_table(models, work, a.methods.split(","), a.cli_repeats)
-    if not a.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    methods = a.methods.split(",")
+    try:
+        sweep(work, a.shapes.split(","), methods, a.repeats, a.scale)
+        if a.flat_budget:
+            flat(work, a.flat_budget, [int(s) for s in a.flat_scales.split(",")], methods)
+        print(f"\n{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; {time.time() - t0:.0f} s in all")
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,34 @@ def _regmean_lines(cfg: ExperimentConfig, shape: dict | None) -> list[str]:
             f"a merge task's peak on the widest layer ({st['largest_in']} inputs): ~{_gb(20.0 * st['largest_in'] ** 2)}"]
 
 
+def merge_memory_lines(cfg: ExperimentConfig, run: RunDir) -> list[str]:
+    """The merge's budget and each fixed step's peak per node (every input costed as the student
+    base, whose tensors the branches share), from the base's safetensors headers when on disk."""
+    import os
+
+    from rdistill.merge.budget import fmt, resolve_budget
+    from rdistill.merge.execute import Options, plan_peak
+    from rdistill.merge.plan import step_from_config
+    from rdistill.refs import resolve_model
+    max_memory = int(cfg.merge.max_memory_gb * (1 << 30)) if cfg.merge.max_memory_gb else None
+    budget = resolve_budget(max_memory)
+    head = (f"  merge memory: a budget of {fmt(budget)} per node (merge.max_memory_gb"
+            f"{'' if max_memory else ' unset: half the available memory'})")
+    try:
+        base = resolve_model(cfg.student.base, run)
+    except Exception:
+        base = None
+    if not base or not list(Path(base).glob("*.safetensors")):
+        return [head + "; peaks known once the student base is on disk"]
+    width = cfg.merge.num_tasks or os.cpu_count() or 1
+    peaks = []
+    for c in cfg.merge.candidates:
+        for s in c.steps:
+            peak, _ = plan_peak(step_from_config(s), lambda r: str(base), Options(max_memory=max_memory), width)
+            peaks.append(f"{c.name}/{s.name} {fmt(peak)}")
+    return [head + "; the plan's peak per node: " + (", ".join(peaks) or "no fixed candidates")]
+
+
 def _gb(x: float) -> str:
     return f"{x / 1e9:.1f} GB" if x >= 1e8 else f"{x / 1e6:.1f} MB"
 
@@ -240,6 +268,7 @@ def _estimate(cfg: ExperimentConfig) -> tuple[list[str], float]:
         disk += weights * (len(cfg.domains) + steps) + ckpt * len(cfg.domains)
         lines.append(f"  student: {params / 1e9:.2f}B parameters ({_gb(weights)} in bf16)")
         lines += _regmean_lines(cfg, shape)
+        lines += merge_memory_lines(cfg, run)
         if shape and _regmean_lines(cfg, shape):
             disk += regmean_stats(shape)["total"] * len(cfg.domains)
     lines.append(f"  disk for artifacts: about {_gb(disk)} (text {_gb(gen_disk * 2)}"

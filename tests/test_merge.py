@@ -56,7 +56,9 @@ dtype: bf16
     ({"merge_method": "slerp", "base_model": "b", "models": ["a"]}, "needs parameters.t"),
     ({"merge_method": "arcee_fusion", "models": ["a"]}, "needs base_model"),
     ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"wieght": 1}}]}, "unknown parameter"),
-    ({"merge_method": "linear", "slices": [1], "models": ["a"]}, "slices is not supported"),
+    ({"merge_method": "linear", "slices": [1], "models": ["a"]}, "give models or slices, not both"),
+    ({"merge_method": "linear", "slices": [1]}, r"slices\[0\] needs sources"),
+    ({"merge_method": "linear", "modules": {"x": 1}, "models": ["a"]}, "modules is not supported"),
     ({"merge_method": "linear", "models": ["a"], "dtype": "int4"}, "dtype='int4' is invalid"),
 ])
 def test_bad_plans_fail_with_one_line(plan, message):
@@ -187,8 +189,9 @@ def _block_models(root: Path) -> list[Path]:
     return dirs
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "arcee_fusion", "arcee_fusion_f32"])
-def test_big_tensors_merged_in_blocks_of_rows_equal_whole_tensor_merging(tmp_path, method):
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "ties_chunked", "arcee_fusion",
+                                    "arcee_fusion_f32"])
+def test_big_tensors_merged_in_blocks_of_rows_equal_whole_tensor_merging(tmp_path, method, monkeypatch):
     """A tensor above block_bytes is cut into blocks of rows that different tasks merge (two
     passes for TIES and Fusion); the result is bit for bit that of merging it whole."""
     from safetensors.torch import load_file
@@ -197,6 +200,10 @@ def test_big_tensors_merged_in_blocks_of_rows_equal_whole_tensor_merging(tmp_pat
     from rdistill.merge.execute import _tensor_seed
     dirs = [str(d) for d in _block_models(tmp_path)]
     gta = {"lambda": 0.7}
+    if method == "ties_chunked":  # TIES inside a block in chunks of 3 rows (ties at the threshold span them)
+        from rdistill.merge import two_pass
+        monkeypatch.setattr(two_pass, "CHUNK", 3000)
+        method = "ties"
     plan = {
         "linear": {"merge_method": "linear", "dtype": "float32", "models": [
             {"model": d, "parameters": {"weight": w}} for d, w in zip(dirs, (1.0, 0.5, 0.2))]},

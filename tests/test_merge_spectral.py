@@ -156,8 +156,8 @@ def test_spectral_tensors_are_merged_whole_never_in_blocks_of_rows(tmp_path):
     big = UnitTensor(OutTensor("big", (300, 40), "F32", "model.safetensors", 0, 48000),
                      [TensorLoc("x", "F32", (300, 40), 0, 48000)] * 4, None, {}, [{}] * 3, 0)
     for method in ("tsv_m", "iso_c", "iso_cts"):
-        assert len(_blocks(big, method, "float32", Options(block_bytes=1000), 2)) == 1
-    assert len(_blocks(big, "task_arithmetic", "float32", Options(block_bytes=1000), 2)) > 40  # the contrast
+        assert len(_blocks(big, method, "float32", Options(block_bytes=1000), 2, 1 << 30)[0]) == 1
+    assert len(_blocks(big, "task_arithmetic", "float32", Options(block_bytes=1000), 2, 1 << 30)[0]) > 40  # the contrast
     xs = [load_file(f"{d}/model.safetensors")["big"] for d in dirs]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -3,8 +3,12 @@ Ray tasks (methods: arcee_fusion, ties, dare_ties, dare_linear, task_arithmetic,
 model_stock, the spectral tsv_m, iso_c, iso_cts, and fusion-bench's regmean and
 regmean_plusplus, whose models each name their domain data: `- {model: PATH, data: SFT.jsonl}`).
 
-    rdistill merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B]
+    rdistill merge CONFIG.yml OUT_DIR [--random-seed N] [--out-shard-size 5B] [--max-memory 2G]
                          [--unsafe-truncate-embeddings] [--num-tasks N] [--cuda] [--stats-dir DIR]
+
+--max-memory bounds what the merge's work holds at once (inputs, outputs and the methods'
+buffers; default: half the available memory): a tensor too big for it is merged in row blocks,
+and a budget too small for one row fails before any work, naming the smallest that works.
 
 Joins the Ray cluster in RAY_ADDRESS (or --ray-address) and merges on its tasks; without one it
 merges in this process's threads (no Ray start-up, no worker processes). mergekit options that
@@ -43,6 +47,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out-shard-size", default="5B", help="parameters per output shard (mergekit's unit)")
     p.add_argument("--unsafe-truncate-embeddings", action="store_true",
                    help="cut embeddings/LM heads of different vocab sizes to the common first rows")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget of the merge's work: 2G, 500M or bytes (default: half the available memory)")
     p.add_argument("--num-tasks", type=int, default=None, help="merge tasks in flight (default: CPUs)")
     p.add_argument("--cuda", action="store_true", help="merge tasks ask Ray for GPU shares and use them")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (mergekit's)")
@@ -63,7 +69,9 @@ def main(argv: list[str]) -> int:
     log = setup()
     from rdistill.errors import RdistillError
     from rdistill.merge import Options, PlanError, load_plan, merge
+    from rdistill.merge.budget import parse_size as memory_size
     try:
+        budget = memory_size(a.max_memory) if a.max_memory else None
         steps = load_plan(a.config) if os.path.isfile(a.config) else None
         if steps is None:
             raise PlanError(f"{a.config}: config file not found")
@@ -71,7 +79,8 @@ def main(argv: list[str]) -> int:
         gpu = a.cuda or a.device in ("cuda", "auto")
         opts = Options(shard_size=parse_size(a.out_shard_size) * elem, num_tasks=a.num_tasks,
                        seed=a.random_seed, unsafe_truncate_embeddings=a.unsafe_truncate_embeddings,
-                       device="gpu" if gpu else "cpu", check_load=not a.no_check_load, stats_dir=a.stats_dir)
+                       device="gpu" if gpu else "cpu", check_load=not a.no_check_load, stats_dir=a.stats_dir,
+                       max_memory=budget)
         if a.ray_address or os.environ.get("RAY_ADDRESS"):
             import ray
 

@@ -308,6 +308,11 @@ class MergeConfig:
     """Output safetensors shard size."""
     num_tasks: Optional[int] = spec(None, gt=0)
     """Concurrent merge tasks (None: one per available CPU)."""
+    max_memory_gb: Optional[float] = spec(None, gt=0)
+    """Memory budget of a merge's work in flight, in GB (2**30 bytes): inputs, outputs and the
+    methods' buffers of the units running at once. A tensor too big for it is merged in row
+    blocks; a budget too small for one row fails before any work, naming the smallest that
+    works (None: half the node's available memory; the same as the CLI's --max-memory)."""
 
     def names(self) -> list[str]:
         """Every merge the run makes, in table order: the fixed candidates, then the search's."""

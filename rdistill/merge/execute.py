@@ -13,6 +13,7 @@ generation config come from the base model (else the first model), as mergekit d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,13 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from rdistill.errors import RdistillError
-from rdistill.parallel import run_at_most
+from rdistill.merge.budget import item_bytes, resolve_budget, rows_that_fit, run_within, too_small
 from rdistill.merge.inputs import InputModel, check_inputs, load_input
 from rdistill.merge.methods import METHODS
-from rdistill.merge.plan import MergeStep, PlanError, tensor_parameters
+from rdistill.merge.plan import MergeStep, PlanError, check_slices, tensor_parameters
 from rdistill.merge.st_io import (InputError, OutTensor, TensorLoc, create_shards, layout_shards,
                                   write_index)
-from rdistill.merge.work import FLOAT_RANK, Unit, UnitTensor, compute_dtype, merge_unit, row_blocks
+from rdistill.merge.work import (FLOAT_RANK, Unit, UnitTensor, compute_dtype, merge_unit, row_block,
+                                 row_blocks)
 
 COPIED = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
           "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -58,6 +60,11 @@ class Options:
     with its shape, so it loads in transformers. Otherwise the output has the donor's tensors,
     shapes and config (dtype aside) and loads exactly when the donor does: no check (importing
     transformers' model classes takes seconds, longer than a merge of a small model)."""
+    max_memory: Optional[int] = None
+    """Bytes the merge's work in flight may hold together (inputs, outputs and the methods'
+    buffers, estimated per unit by rdistill.merge.budget; None: half the node's available
+    memory). A tensor too big for it is merged in row blocks that fit; units start only when
+    they fit beside the running ones."""
     unit_bytes: Optional[int] = None
     """Input bytes per task (None: about a quarter of an even share per task, 4-256 MiB)."""
     block_bytes: int = 32 << 20
@@ -100,14 +107,14 @@ def _out_dtype(step: MergeStep, locs: list[TensorLoc]) -> str:
 ELEMENTWISE = {"linear", "task_arithmetic"}
 
 
-def _merge_in_threads(units: list, args: tuple, use_gpu: bool, width: int) -> list[dict]:
-    """The units on a thread pool of this process: reads, torch ops and pwrite release the GIL.
-    One torch thread per pool thread, so `width` threads do not oversubscribe the cores."""
+def _merge_in_threads(jobs: list, args: tuple, use_gpu: bool, width: int, budget: int) -> list[dict]:
+    """The (bytes, unit) jobs on threads of this process: reads, torch ops and pwrite release
+    the GIL. One torch thread per pool thread, so `width` threads do not oversubscribe the cores."""
     import torch
     keep = torch.get_num_threads()
     torch.set_num_threads(max(1, keep // width))
     try:
-        return run_at_most(width, [lambda u=u: merge_unit(*args, u, use_gpu) for u in units], name="merge")
+        return run_within(budget, width, [(b, lambda u=u: merge_unit(*args, u, use_gpu)) for b, u in jobs])
     finally:
         torch.set_num_threads(keep)
 
@@ -124,21 +131,49 @@ def _units(items: list, target: int) -> list[Unit]:
     return units
 
 
-def _blocks(t: UnitTensor, method: str, dtype: Optional[str], opts: "Options", width: int) -> list[UnitTensor]:
-    """A big tensor of a method that can merge it by blocks of rows, as blocks (a multiple of
-    `width`, so every task gets a share of it); otherwise [t]."""
+def _blocks(t: UnitTensor, method: str, dtype: Optional[str], opts: "Options", width: int,
+            budget: int) -> tuple[list[UnitTensor], int, bool]:
+    """(pieces, the least budget any cut of `t` needs, whether it can be cut). A big tensor of
+    a method that can merge it by blocks of rows, as blocks: a multiple of `width` above
+    block_bytes (every task gets a share of it), and always small enough for the budget;
+    otherwise [t]."""
     from rdistill.merge import two_pass
-    if t.out.nbytes <= opts.block_bytes or len(t.out.shape) < 1 or t.out.shape[0] < 2 or \
-            not all(loc.dtype in FLOAT_RANK for loc in t.locs):
-        return [t]
-    if method in ELEMENTWISE:
-        phase = "merge"
-    elif two_pass.handles(method, compute_dtype(dtype, t.locs), t.shared):
-        phase = "stats"
-    else:
-        return [t]
-    rounds = -(-t.out.nbytes // (opts.block_bytes * width))
-    return [replace(b, phase=phase) for b in row_blocks(t, min(t.out.shape[0], rounds * width))]
+    need = item_bytes(method, dtype, t)
+    phase = None
+    if len(t.out.shape) >= 1 and t.out.shape[0] >= 2 and all(loc.dtype in FLOAT_RANK for loc in t.locs):
+        if method in ELEMENTWISE:
+            phase = "merge"
+        elif two_pass.handles(method, compute_dtype(dtype, t.locs), t.shared):
+            phase = "stats"
+    if phase is None:
+        return [t], need, False
+    least = item_bytes(method, dtype, row_block(t, 0, 1))
+    if t.out.nbytes <= opts.block_bytes and need <= budget:
+        return [t], least, True
+    rows = t.out.shape[0]
+    count = width * -(-t.out.nbytes // (opts.block_bytes * width)) if t.out.nbytes > opts.block_bytes else 1
+    count = min(rows, max(count, -(-rows // max(1, rows_that_fit(method, dtype, t, budget)))))
+    return [replace(b, phase=phase) for b in row_blocks(t, count)], least, True
+
+
+def plan_work(items: list[UnitTensor], step: MergeStep, opts: "Options", width: int,
+              budget: int) -> tuple[list[UnitTensor], list[UnitTensor], list[UnitTensor]]:
+    """(two-pass blocks' first pass, blocks merged in one pass, small tensors): every piece fits
+    `budget`, or BudgetError, before any work, names the smallest budget that fits them all."""
+    small, blocks, first = [], [], []
+    least, what = 0, ""
+    for it in items:
+        parts, need, by_rows = _blocks(it, step.merge_method, step.dtype, opts, width, budget)
+        if need > least:
+            least, what = need, (f"one row of {it.out.name}" if by_rows else
+                                 f"{it.out.name} ({step.merge_method} merges a tensor whole)")
+        if len(parts) == 1 and parts[0].phase == "merge":
+            small.append(it)
+        else:
+            (first if parts[0].phase == "stats" else blocks).extend(parts)
+    if least > budget:
+        raise too_small(budget, least, what)
+    return first, blocks, small
 
 
 def _num_layers(models: list[InputModel]) -> int:
@@ -216,33 +251,28 @@ def _in_background(fn: Callable[[], None]) -> Callable[[], None]:
     return wait
 
 
-def _runner(opts: "Options", width: int, args: tuple, use_gpu: bool) -> Callable[[list], list]:
-    """Runs a list of units to completion: in this process's threads, or as Ray tasks (at most
-    `width` in flight: each holds its tensors in memory)."""
+def _runner(opts: "Options", width: int, budget: int, args: tuple, use_gpu: bool) -> Callable[[list], list]:
+    """Runs a list of units to completion, in order, each started when it fits the budget
+    beside those running (at most `width` at once): in this process's threads, or as Ray tasks."""
+    def jobs(units: list) -> list:
+        return [(max(item_bytes(args[0], args[1], t) for t in u.tensors), u) for u in units]
     if opts.in_process:
-        return lambda units: _merge_in_threads(units, args, use_gpu, width)
+        return lambda units: _merge_in_threads(jobs(units), args, use_gpu, width, budget)
     import ray
 
     from rdistill.topology import merge_task_options
     task = ray.remote(merge_unit).options(**merge_task_options(opts.device))
-    return lambda units: run_at_most(width, [lambda u=u: ray.get(task.remote(*args, u, use_gpu)) for u in units],
-                                     name="merge")
+    return lambda units: run_within(budget, width, [(b, lambda u=u: ray.get(task.remote(*args, u, use_gpu)))
+                                                    for b, u in jobs(units)])
 
 
-def _merge_all(items: list[UnitTensor], step: MergeStep, opts: "Options", width: int, target: int,
-               run: Callable[[list], list]) -> list[dict]:
-    """Every item merged. Big tensors go in blocks of rows, a task each; those of two-pass
-    methods first measure their blocks, then merge them with the combined statistic. Small
-    tensors are packed into units of about `target` input bytes; the biggest units go first."""
+def _merge_all(work: tuple, step: MergeStep, target: int, run: Callable[[list], list]) -> list[dict]:
+    """Every planned piece merged. Blocks of two-pass methods first measure, then merge with
+    the combined statistic. Small tensors are packed into units of about `target` input bytes;
+    the biggest units go first."""
     from rdistill.merge import two_pass
+    first, blocks, small = work
     method = step.merge_method
-    small, blocks, first = [], [], []
-    for it in items:
-        parts = _blocks(it, method, step.dtype, opts, width)
-        if len(parts) == 1 and parts[0].phase == "merge":
-            small.append(it)
-        else:
-            (first if parts[0].phase == "stats" else blocks).extend(parts)
     results = run([Unit([b]) for b in first]) if first else []
     stats = {k: v for r in results for k, v in r["stats"].items()}
     for name in dict.fromkeys(b.out.name for b in first):
@@ -267,21 +297,15 @@ def _stats_params(step: MergeStep, models: list[InputModel], opts: "Options", ou
     return {STATS_KEY: stats.ensure(step, models, opts, where, log)}
 
 
-def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str] = lambda r: r,
-             opts: Optional[Options] = None, log: Callable[[str], None] = print) -> dict:
-    """Merge one step into out_dir (replaced when complete). Returns counts and timings."""
-    opts = opts or Options()
-    t0 = time.time()
-    out_dir = Path(out_dir).absolute()
-    refs = step.inputs
-    models = [load_input(r, resolve(r)) for r in refs]
-    shapes, vocab = check_inputs(models, opts.unsafe_truncate_embeddings)
-    stats = _stats_params(step, models, opts, out_dir, log)
-    donor = models[0]  # base first, else the first listed model (mergekit's donor)
+def _items(step: MergeStep, models: list[InputModel], shapes: dict, opts: Options,
+           stats: dict) -> tuple[list[OutTensor], dict, list[UnitTensor]]:
+    """The output's shard layout and one work item per output tensor, its parameters resolved."""
+    donor = models[0]
     order = sorted(donor.tensors, key=lambda n: (donor.tensors[n].file, donor.tensors[n].start))
     specs = [(n, shapes[n], _out_dtype(step, [m.tensors[n] for m in models])) for n in order]
     placed, headers = layout_shards(specs, opts.shard_size)
     layers = _num_layers(models)
+    check_slices(step, layers)
     check = METHODS[step.merge_method].check
     items = []
     for out in placed:
@@ -293,6 +317,41 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         if problem:  # e.g. a rank larger than the layer: refused before any work
             raise PlanError(f"{step.name}: {problem}")
         items.append(UnitTensor(out, locs, rows, shared, per, _tensor_seed(opts.seed, out.name)))
+    return placed, headers, items
+
+
+def plan_peak(step: MergeStep, resolve: Callable[[str], str], opts: Options, width: int) -> tuple[int, int]:
+    """(the most bytes the step's work can hold at once, the budget), from the inputs' headers
+    alone: the dry run's figure. Raises BudgetError as the merge would."""
+    models = [load_input(r, resolve(r)) for r in step.inputs]
+    shapes, _ = check_inputs(models, opts.unsafe_truncate_embeddings)
+    _, _, items = _items(step, models, shapes, opts, {})
+    budget = resolve_budget(opts.max_memory)
+    first, blocks, small = plan_work(items, step, opts, width, budget)
+    costs = sorted((item_bytes(step.merge_method, step.dtype, t) for t in first + blocks + small), reverse=True)
+    return min(budget, sum(costs[:width])), budget
+
+
+def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str] = lambda r: r,
+             opts: Optional[Options] = None, log: Callable[[str], None] = print) -> dict:
+    """Merge one step into out_dir (replaced when complete). Returns counts and timings."""
+    opts = opts or Options()
+    t0 = time.time()
+    out_dir = Path(out_dir).absolute()
+    refs = step.inputs
+    models = [load_input(r, resolve(r)) for r in refs]
+    shapes, vocab = check_inputs(models, opts.unsafe_truncate_embeddings)
+    stats = _stats_params(step, models, opts, out_dir, log)
+    donor = models[0]  # base first, else the first listed model (mergekit's donor)
+    placed, headers, items = _items(step, models, shapes, opts, stats)
+    if opts.in_process:
+        cpus = os.cpu_count() or 1
+    else:
+        import ray
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+    width = opts.num_tasks or cpus
+    budget = resolve_budget(opts.max_memory)
+    work = plan_work(items, step, opts, width, budget)  # a budget too small fails here, before any work
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -302,16 +361,10 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         checked = _in_background(lambda: check_loads(tmp, placed, str(out_dir))) \
             if opts.check_load and vocab is not None else None
         total_in = sum(loc.nbytes for it in items for loc in it.locs)
-        if opts.in_process:
-            cpus = os.cpu_count() or 1
-        else:
-            import ray
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-        width = opts.num_tasks or cpus
         target = opts.unit_bytes or min(256 << 20, max(4 << 20, total_in // (4 * width)))
         use_gpu = opts.device == "gpu"
-        run = _runner(opts, width, (step.merge_method, step.dtype, str(tmp)), use_gpu)
-        results = _merge_all(items, step, opts, width, target, run)
+        run = _runner(opts, width, budget, (step.merge_method, step.dtype, str(tmp)), use_gpu)
+        results = _merge_all(work, step, target, run)
         bad = [n for r in results for n in r["nonfinite"]]
         if bad:
             raise MergeError(f"{step.name}: {len(bad)} merged tensor(s) are not finite, e.g. {bad[:3]}; "
@@ -322,6 +375,7 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
              "out_dtype": step.out_dtype, "parameters": step.parameters, "seed": opts.seed,
              "models": [{"model": m.model, "parameters": m.parameters, **({"data": m.data} if m.data else {})}
                         for m in step.models],
+             **({"slices": [dataclasses.asdict(sl) for sl in step.slices]} if step.slices else {}),
              "resolved": {r: m.path for r, m in zip(refs, models)}}, indent=2, default=str))
         if checked:
             checked()

@@ -5,6 +5,13 @@ Parameter values follow mergekit's syntax: a scalar; a list of numbers, a gradie
 over the layers (t = layer / (layers - 1), 0 for tensors outside the layers); or a list of
 `{filter: substring, value: ...}` conditions, the first whose filter is in the tensor name wins.
 Per-model parameters override the step's `parameters`.
+
+mergekit's `slices:` form is taken where it describes the same layers as `models:` with
+parameters per slice: every source of a slice spans the same layers, every slice merges the
+same models, and the slices follow one another from layer 0 to the last. A gradient then runs
+over each slice's own layers, and a slice's and its sources' parameters come before the step's
+(mergekit's order). Layer stacking (sources of different layers, passthrough frankenmerges) is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ if TYPE_CHECKING:
 
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 # mergekit keys this implementation does not take: say so rather than silently ignore them
-_UNSUPPORTED = ("slices", "modules", "tokenizer", "tokenizer_source", "chat_template")
+_UNSUPPORTED = ("modules", "tokenizer", "tokenizer_source", "chat_template")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -40,6 +47,16 @@ class ModelInput:
 
 
 @dataclass
+class Slice:
+    """One of mergekit's `slices`: layers [start, end) of every model, with its own parameters."""
+    start: int
+    end: int
+    parameters: dict = field(default_factory=dict)
+    per_model: dict = field(default_factory=dict)
+    """Each source's own parameters, by model reference."""
+
+
+@dataclass
 class MergeStep:
     merge_method: str
     models: list[ModelInput]
@@ -52,6 +69,8 @@ class MergeStep:
     name: str = "merged"
     stats: Any = None
     """How input statistics are collected (a MergeStatsConfig; None: its defaults)."""
+    slices: Optional[list[Slice]] = None
+    """mergekit's `slices:` (None: `models:`, every layer with the step's parameters)."""
 
     @property
     def others(self) -> list[ModelInput]:
@@ -85,14 +104,20 @@ def step_from_dict(d: dict, name: str = "merged") -> MergeStep:
     if bad:
         raise PlanError(f"{bad[0]} is not supported by rdistill's merge: use models/base_model (the "
                         "tokenizer and chat template are copied from the base model, else the first model)")
-    unknown = set(d) - {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name", "stats"}
+    unknown = set(d) - {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "name",
+                        "stats"}
     if unknown:
         raise PlanError(f"unknown merge plan key(s) {sorted(unknown)}: allowed are merge_method, models, "
                         "base_model, parameters, dtype, out_dtype, stats")
     method = d.get("merge_method")
+    if method == "passthrough":
+        raise PlanError(f"merge_method=passthrough: {_STACKING} (rdistill merges models of the same layers)")
     if method not in METHODS:
         raise PlanError(f"merge_method={method!r} is invalid: allowed: {', '.join(METHODS)}")
-    models = []
+    if d.get("slices") and d.get("models"):
+        raise PlanError("give models or slices, not both")
+    slices = _slices(d["slices"], d.get("base_model")) if d.get("slices") else None
+    models = [ModelInput(r, dict(slices[0].per_model[r])) for r in slices[0].per_model] if slices else []
     for i, m in enumerate(d.get("models") or []):
         if isinstance(m, str):
             m = {"model": m}
@@ -105,9 +130,60 @@ def step_from_dict(d: dict, name: str = "merged") -> MergeStep:
                                  str(m["data"]) if m.get("data") else None))
     step = MergeStep(method, models, d.get("base_model"), dict(d.get("parameters") or {}),
                      _dtype(d.get("dtype"), "dtype"), _dtype(d.get("out_dtype"), "out_dtype"),
-                     d.get("name") or name, _stats(d.get("stats")))
+                     d.get("name") or name, _stats(d.get("stats")), slices)
     check_step(step)
     return step
+
+
+_STACKING = "layer stacking (passthrough, frankenmerges) is not supported"
+
+
+def _slices(raw: Any, base: Optional[str]) -> list[Slice]:
+    """mergekit's slices, each source of a slice spanning the same layers and every slice
+    merging the same models; the order of the layers is checked against the models' count when
+    they are read (check_slices)."""
+    if not isinstance(raw, list):
+        raise PlanError("slices must be a list of '- sources: [{model: PATH, layer_range: [START, END]}, ...]'")
+    out = []
+    for i, sl in enumerate(raw):
+        if not isinstance(sl, dict) or not sl.get("sources"):
+            raise PlanError(f"slices[{i}] needs sources: '- sources: [{{model: PATH, layer_range: [0, N]}}]'")
+        bad = set(sl) - {"sources", "parameters", "base_model"}
+        if bad:
+            raise PlanError(f"slices[{i}]: unsupported key(s) {sorted(bad)}: allowed are sources, parameters")
+        if sl.get("base_model") not in (None, base):
+            raise PlanError(f"slices[{i}].base_model differs from base_model: one base per merge is supported")
+        per, ranges = {}, set()
+        for j, src in enumerate(sl["sources"]):
+            if not isinstance(src, dict) or not src.get("model") or len(src.get("layer_range") or []) != 2:
+                raise PlanError(f"slices[{i}].sources[{j}] needs model and layer_range: [START, END]")
+            if set(src) - {"model", "layer_range", "parameters"}:
+                raise PlanError(f"slices[{i}].sources[{j}]: unknown key(s) "
+                                f"{sorted(set(src) - {'model', 'layer_range', 'parameters'})}")
+            per[str(src["model"])] = dict(src.get("parameters") or {})
+            ranges.add(tuple(int(x) for x in src["layer_range"]))
+        if len(ranges) > 1:
+            raise PlanError(f"slices[{i}]: its sources span different layers {sorted(ranges)}: {_STACKING}; "
+                            "give every source of a slice the same layer_range")
+        (start, end), = ranges
+        if out and set(per) != set(out[0].per_model):
+            raise PlanError(f"slices[{i}] merges other models than slices[0]: {_STACKING}")
+        out.append(Slice(start, end, dict(sl.get("parameters") or {}), per))
+    return out
+
+
+def check_slices(step: MergeStep, num_layers: int) -> None:
+    """The slices must follow one another over exactly the models' layers (no stacking)."""
+    if not step.slices:
+        return
+    at = 0
+    for i, sl in enumerate(step.slices):
+        if sl.start != at or sl.end <= sl.start:
+            raise PlanError(f"slices[{i}] covers layers [{sl.start}, {sl.end}) after layer {at}: {_STACKING}; "
+                            f"the slices must follow one another from layer 0 to {num_layers}")
+        at = sl.end
+    if at != num_layers:
+        raise PlanError(f"the slices end at layer {at} but the models have {num_layers}: {_STACKING}")
 
 
 def _stats(value: Any):
@@ -145,6 +221,13 @@ def step_from_config(c: "MergeStepConfig") -> MergeStep:
 
 
 def check_step(step: MergeStep) -> None:
+    if step.slices:  # each slice as the step it is for its layers (its parameters first)
+        import dataclasses
+        for sl in step.slices:
+            check_step(dataclasses.replace(
+                step, slices=None, parameters={**step.parameters, **sl.parameters},
+                models=[ModelInput(r, dict(p)) for r, p in sl.per_model.items()]))
+        return
     spec = METHODS[step.merge_method]
     m = step.merge_method
     if not step.models:
@@ -251,10 +334,27 @@ def layer_t(tensor: str, num_layers: int) -> float:
     return int(m.group(1)) / (num_layers - 1)
 
 
+def _slice_of(step: MergeStep, tensor: str, num_layers: int) -> tuple[Slice, float]:
+    """The slice a tensor belongs to and its gradient position there (mergekit's: the slice's
+    layers from 0 to 1; 0 for the embeddings, planned with the first slice, and for the final
+    norm and LM head, planned with the last)."""
+    m = _LAYER.search("." + tensor)
+    if not m:
+        return (step.slices[0] if "embed" in tensor or "wte" in tensor else step.slices[-1]), 0.0
+    i = int(m.group(1))
+    sl = next((x for x in step.slices if x.start <= i < x.end), step.slices[-1])
+    n = sl.end - sl.start
+    return sl, (i - sl.start) / (n - 1) if n > 1 else 1.0
+
+
 def tensor_parameters(step: MergeStep, tensor: str, num_layers: int) -> tuple[dict, list[dict]]:
     """(shared, per non-base model) parameter values for one tensor, defaults filled in."""
     spec = METHODS[step.merge_method]
-    t = layer_t(tensor, num_layers)
+    if step.slices:
+        sl, t = _slice_of(step, tensor, num_layers)
+        outer, own = [sl.parameters, step.parameters], sl.per_model
+    else:
+        t, outer, own = layer_t(tensor, num_layers), [step.parameters], {m.model: m.parameters for m in step.models}
 
     def resolve(key, default, scopes):
         for scope in scopes:
@@ -266,7 +366,7 @@ def tensor_parameters(step: MergeStep, tensor: str, num_layers: int) -> tuple[di
             raise PlanError(f"{step.merge_method}: no value of {key} applies to tensor {tensor}")
         return default
 
-    shared = {k: resolve(k, d, [step.parameters]) for k, d in spec.shared.items()}
-    per = [{k: resolve(k, d, [m.parameters, step.parameters]) for k, d in spec.per_model.items()}
+    shared = {k: resolve(k, d, outer) for k, d in spec.shared.items()}
+    per = [{k: resolve(k, d, [own.get(m.model, {}), *outer]) for k, d in spec.per_model.items()}
            for m in step.others]
     return shared, per

@@ -77,6 +77,7 @@ def run(ctx) -> dict:
     stats = dataclasses.replace(cfg.merge.stats, chat_template=cfg.merge.stats.chat_template or cfg.train.chat_template)
     data_for = _domain_data(ctx)
     opts = Options(shard_size=cfg.merge.shard_size_mb << 20, num_tasks=cfg.merge.num_tasks,
+                   max_memory=int(cfg.merge.max_memory_gb * (1 << 30)) if cfg.merge.max_memory_gb else None,
                    seed=cfg.seed, device=cfg.device, stats=stats, stats_dir=str(ctx.out / "stats"),
                    stats_from=[str(ctx.run.stage_dir("merge") / "stats")], data_for=data_for)
     result: dict = {"candidates": {}}

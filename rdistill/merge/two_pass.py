@@ -8,7 +8,7 @@ into what each block needs, and pass 2 merges each block (`apply`). Every block 
 run on a different core or node, and the result equals whole-tensor merging bit for bit:
 
 - TIES (16-bit compute, no rescale): a histogram of the 16-bit patterns of |task vector| per
-  block (bf16 and fp16 non-negative values sort as their bit patterns), so the threshold is exact
+  block (its non-zero bins) (bf16 and fp16 non-negative values sort as their bit patterns), so the threshold is exact
   and O(n); of the entries equal to it, the first ones in index order are kept until exactly k
   are (as `methods.top_k_mask` does), which needs how many ties lie in the blocks before.
 - Arcee Fusion: importance is row-local (a per-row KL times |change|), so a block computes its
@@ -27,6 +27,18 @@ from rdistill.merge.methods import (combine, fusion_importance, fusion_keep, fus
                                     fusion_threshold, sample_indices)
 
 _BINS = 1 << 15
+CHUNK = 1 << 18
+"""TIES works through a block this many elements (whole rows) at a time: its masks, signs and
+task vectors are then about 1-2 MB whatever the block's size, and the result is the same bits
+(every step after the threshold is element-wise)."""
+
+
+def _chunks(x: torch.Tensor) -> list[slice]:
+    """Row ranges of about CHUNK elements (a 0-D or 1-D tensor: one)."""
+    if x.dim() < 2:
+        return [slice(0, None)]
+    step = max(1, CHUNK // max(1, x[0].numel()))
+    return [slice(r, r + step) for r in range(0, x.shape[0], step)]
 
 
 def handles(method: str, compute: Optional[str], shared: dict) -> bool:
@@ -47,8 +59,15 @@ def stats(method: str, xs: list[torch.Tensor], per: list[dict], offset: int, num
     Fusion: (positions in the quantile sample, importances there, the rows' KL)."""
     if method == "ties":
         base = xs[0]
-        return [torch.bincount(_bits(x - base).reshape(-1), minlength=_BINS)[:_BINS] if 0 < p["density"] < 1
-                else None for x, p in zip(xs[1:], per)]
+        out = []
+        for x, p in zip(xs[1:], per):
+            if not 0 < p["density"] < 1:
+                out.append(None)
+                continue
+            hist = sum(torch.bincount(_bits(x[c] - base[c]).reshape(-1), minlength=_BINS)[:_BINS] for c in _chunks(base))
+            bins = hist.nonzero().reshape(-1)  # sparse: the driver holds every block's until it reduces them
+            out.append((bins.to(torch.int32), hist[bins].to(torch.int32)))
+        return out
     kl = fusion_kl(xs[0], xs[1])  # the softmaxes: most of the work, so pass 2 reuses it
     flat = fusion_importance(xs[0], xs[1], kl).reshape(-1)
     idx = sample_indices(numel, seed)
@@ -67,14 +86,17 @@ def reduce(method: str, parts: list, per: list[dict], numel: int) -> list:
                 for o in out:
                     o.append(None)
                 continue
-            hist = torch.stack([part[i] for part in parts]).sum(0)
+            hist = torch.zeros(_BINS, dtype=torch.int64)
+            for part in parts:
+                hist.index_add_(0, part[i][0].long(), part[i][1].long())
             k = max(1, int(p["density"] * numel))
             ge = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # ge[b] = count(bits >= b)
             thr = int((ge >= k).nonzero().max())
             need = k - (int(ge[thr + 1]) if thr + 1 < _BINS else 0)  # ties at thr to keep
             seen = 0
             for o, part in zip(out, parts):
-                n_eq = int(part[i][thr])
+                bins, counts = part[i]
+                n_eq = int(counts[bins == thr].sum())
                 o.append((thr, need, seen, n_eq))
                 seen += n_eq
         return out
@@ -94,20 +116,33 @@ def apply(method: str, xs: list[torch.Tensor], shared: dict, per: list[dict], ct
     if method != "ties":
         thr, kl = ctx
         return fusion_merge(base, xs[1], fusion_importance(base, xs[1], kl.to(base.device)) >= thr, out_dtype)
+    out = torch.empty_like(base)
+    seen = [c[2] if c is not None else 0 for c in ctx]  # ties at the threshold before this chunk
+    for rows in _chunks(base):
+        out[rows] = _apply_ties(base[rows], [x[rows] for x in xs[1:]], shared, per, ctx, seen)
+    return out
+
+
+def _apply_ties(base: torch.Tensor, others: list[torch.Tensor], shared: dict, per: list[dict], ctx: list,
+                seen: list[int]) -> torch.Tensor:
+    """One chunk of TIES's pass 2; `seen` (per model: ties at the threshold in earlier chunks,
+    updated) decides which of the equal magnitudes are kept, in index order."""
     deltas = base.new_empty((len(per), *base.shape))
-    for i, (x, p) in enumerate(zip(xs[1:], per)):
+    for i, (x, p) in enumerate(zip(others, per)):
         delta = x - base
         if p["density"] <= 0:
             delta.zero_()
         elif ctx[i] is not None:
-            thr, need, seen, n_eq = ctx[i]
+            thr, need, _, _ = ctx[i]
             bits = _bits(delta)
             keep = bits > thr
-            if seen < need:  # this block holds some of the ties at the threshold that are kept
+            if seen[i] < need:  # this chunk may hold some of the ties at the threshold that are kept
                 eq = bits == thr
-                if seen + n_eq > need:  # the wanted ties run out here: the first ones by index
-                    eq &= (torch.cumsum(eq.reshape(-1), 0).reshape(eq.shape) + seen) <= need
+                n_eq = int(eq.sum())
+                if seen[i] + n_eq > need:  # the wanted ties run out here: the first ones by index
+                    eq &= (torch.cumsum(eq.reshape(-1), 0).reshape(eq.shape) + seen[i]) <= need
                 keep |= eq
+                seen[i] += n_eq
             delta = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype))
         deltas[i] = delta
     return combine(base, deltas, shared, per, consensus=True)

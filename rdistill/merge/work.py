@@ -60,23 +60,25 @@ def compute_dtype(step_dtype: Optional[str], locs: list[TensorLoc]) -> Optional[
     return {"BF16": "bfloat16", "F16": "float16"}.get(kinds.pop()) if len(kinds) == 1 else None
 
 
-def row_blocks(t: UnitTensor, blocks: int) -> list[UnitTensor]:
-    """`t` cut into `blocks` blocks of rows (about equal), each reading and writing only its rows."""
+def row_block(t: UnitTensor, r0: int, r1: int, b: int = 0) -> UnitTensor:
+    """Rows r0..r1 of `t` as block `b`: it reads and writes only those rows."""
     out, n = t.out, t.out.shape[0]
-    step = -(-n // blocks)
     o_row = out.nbytes // n
     cols = 1
     for s in out.shape[1:]:
         cols *= s
-    pieces = []
-    for b, r0 in enumerate(range(0, n, step)):
-        r1 = min(n, r0 + step)
-        shape = (r1 - r0, *out.shape[1:])
-        locs = [replace(loc, shape=shape, start=loc.start + r0 * (loc.nbytes // loc.shape[0]),
-                        nbytes=(r1 - r0) * (loc.nbytes // loc.shape[0])) for loc in t.locs]
-        pieces.append(replace(t, out=replace(out, shape=shape, start=out.start + r0 * o_row, nbytes=(r1 - r0) * o_row),
-                              locs=locs, rows=None, block=b, offset=r0 * cols, numel=n * cols))
-    return pieces
+    shape = (r1 - r0, *out.shape[1:])
+    locs = [replace(loc, shape=shape, start=loc.start + r0 * (loc.nbytes // loc.shape[0]),
+                    nbytes=(r1 - r0) * (loc.nbytes // loc.shape[0])) for loc in t.locs]
+    return replace(t, out=replace(out, shape=shape, start=out.start + r0 * o_row, nbytes=(r1 - r0) * o_row),
+                   locs=locs, rows=None, block=b, offset=r0 * cols, numel=n * cols)
+
+
+def row_blocks(t: UnitTensor, blocks: int) -> list[UnitTensor]:
+    """`t` cut into `blocks` blocks of rows (about equal)."""
+    n = t.out.shape[0]
+    step = -(-n // blocks)
+    return [row_block(t, r0, min(n, r0 + step), b) for b, r0 in enumerate(range(0, n, step))]
 
 
 class TensorIO:
@@ -151,9 +153,36 @@ def _merge_one(io: TensorIO, method: str, t: UnitTensor) -> Any:
     return None
 
 
+_LIBC: Any = False  # glibc once loaded (None: not glibc)
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is False:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            _LIBC = None
+    return _LIBC
+
+
+def release_freed_buffers() -> None:
+    """Hand memory torch freed back to the kernel. glibc's mmap threshold is fixed at 4 MiB
+    (by default it grows to 32 MiB), so tensors and blocks are unmapped when freed; the smaller
+    buffers left free in the per-thread arenas are returned by malloc_trim after each unit.
+    Without both a merge of mid-sized tensors kept about twice its live memory resident, and
+    memory did not follow the budget. A no-op where there is no glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_gpu: bool) -> dict:
     """One task: merge and write the unit's tensors. Returns counts, the tensors that came out
     non-finite, and the first-pass statistics of two-pass blocks by (tensor, block)."""
+    _libc()
     t0 = time.time()
     io = TensorIO(out_dir, dtype, use_gpu)
     stats = {}
@@ -164,6 +193,7 @@ def merge_unit(method: str, dtype: Optional[str], out_dir: str, unit: Unit, use_
                 stats[(t.out.name, t.block)] = s
     finally:
         io.close()
+        release_freed_buffers()
     return {"tensors": len(unit.tensors), "bytes": sum(t.out.nbytes for t in unit.tensors), "nonfinite": io.bad,
             "seconds": time.time() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "pid": os.getpid(), "stats": stats}
