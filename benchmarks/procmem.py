@@ -1,8 +1,9 @@
 """Peak memory of a command's process tree, measured the same way for any program: the sum of
 anonymous resident memory (RssAnon: heap, tensors, thread stacks; not file-backed pages such as
 mmapped inputs or the page cache, which the kernel can drop) over the process and all its
-descendants, sampled every few milliseconds; plus the kernel's exact peak RSS of the largest
-process (ru_maxrss, which does count mmapped file pages)."""
+descendants, sampled every few milliseconds. Also the kernel's ru_maxrss of the command, which
+counts mmapped file pages and, on Linux, starts from the high-water mark of the process that
+forked it: meaningful only when that parent is small."""
 
 from __future__ import annotations
 
