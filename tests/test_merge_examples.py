@@ -31,7 +31,7 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yml")
-                                           if p.name != "orcamini-platy-44layer.yml"))
+                                           if p.name not in ("orcamini-platy-44layer.yml", "multi.yml")))
 def test_mergekit_example_gives_mergekits_output(models, tmp_path, monkeypatch, example):
     import yaml
     monkeypatch.chdir(models["base"].parent)  # the examples name the models base, v0, v1, v2
@@ -46,6 +46,34 @@ def test_mergekit_example_gives_mergekits_output(models, tmp_path, monkeypatch, 
         assert d["max_bf16_ulps"] <= 0.5, d
     else:
         assert d["max_abs"] == 0.0, d  # bit-identical
+
+
+def test_a_multi_document_config_is_mergekit_multis_chain(models, tmp_path, monkeypatch):
+    """mergekit-multi's form (mega.yml's chain): the named gradient SLERP goes to the intermediate
+    folder as mergekit writes it, and the TIES over it to OUT_DIR, as mergekit-multi makes it
+    (each document merged by mergekit, the name replaced by the intermediate's path)."""
+    import yaml
+    monkeypatch.chdir(models["base"].parent)
+    first, last = yaml.safe_load_all((EXAMPLES / "multi.yml").read_text())
+    out = tmp_path / "ours"
+    assert cli_main([str(EXAMPLES / "multi.yml"), str(out)]) == 0
+    inter = tmp_path / "ours.intermediate" / "gradient-slerp"
+    mk_inter = mergekit({k: v for k, v in first.items() if k != "name"}, tmp_path / "mk-inter")
+    assert compare(inter, mk_inter, models["base"])["max_abs"] == 0.0
+    for m in last["models"]:
+        m["model"] = str(mk_inter) if m["model"] == "gradient-slerp" else m["model"]
+    d = compare(out, mergekit(last, tmp_path / "mk"), models["base"])
+    assert abs(d["kept_ours"] - d["kept_theirs"]) < 0.01 * d["kept_theirs"] and d["frac_differing"] < 0.01, d
+    assert not (out / "gradient-slerp").exists()  # the final model's folder holds the final model only
+
+
+def test_a_multi_document_config_without_names_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("merge_method: linear\nmodels: [{model: a}]\n---\nmerge_method: linear\nmodels: [{model: b}]\n")
+    assert cli_main([str(cfg), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {cfg}: every document but the last needs a name (mergekit-multi's intermediate "
+                   "merges), by which later documents refer to it")
 
 
 def test_slices_equal_models_with_per_slice_parameters(models, tmp_path, monkeypatch):

@@ -10,6 +10,10 @@ regmean_plusplus, whose models each name their domain data: `- {model: PATH, dat
 buffers; default: half the available memory): a tensor too big for it is merged in row blocks,
 and a budget too small for one row fails before any work, naming the smallest that works.
 
+A config of several YAML documents (mergekit-multi's form: every document but the last has a
+`name`, by which later ones refer to its merge) runs as a chain: the named merges go to
+--intermediate-dir (default OUT_DIR.intermediate), the last to OUT_DIR.
+
 Joins the Ray cluster in RAY_ADDRESS (or --ray-address) and merges on its tasks; without one it
 merges in this process's threads (no Ray start-up, no worker processes). mergekit options that
 do not apply here (--lazy-unpickle, --copy-tokenizer, ...) are accepted and ignored.
@@ -56,6 +60,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--num-threads", "-j", type=int, default=None, help="ignored (one thread per task)")
     p.add_argument("--stats-dir", default=None,
                    help="where regmean's input statistics are kept and reused (default: regmean-stats beside OUT_DIR)")
+    p.add_argument("--intermediate-dir", default=None,
+                   help="a config of several YAML documents (mergekit-multi's): where its named intermediate "
+                        "merges go (default: OUT_DIR.intermediate); the last document's merge goes to OUT_DIR")
     p.add_argument("--no-check-load", action="store_true",
                    help="skip the transformers load check (run when embeddings are cut to a common vocabulary)")
     p.add_argument("--write-threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -81,6 +88,8 @@ def main(argv: list[str]) -> int:
                        seed=a.random_seed, unsafe_truncate_embeddings=a.unsafe_truncate_embeddings,
                        device="gpu" if gpu else "cpu", check_load=not a.no_check_load, stats_dir=a.stats_dir,
                        max_memory=budget)
+        inter = (a.intermediate_dir or f"{os.path.abspath(a.out_dir).rstrip('/')}.intermediate") \
+            if len(steps) > 1 else None
         if a.ray_address or os.environ.get("RAY_ADDRESS"):
             import ray
 
@@ -88,11 +97,11 @@ def main(argv: list[str]) -> int:
             from rdistill.topology import init_ray
             init_ray(RayConfig(address=a.ray_address))
             try:
-                out = merge(steps, a.out_dir, options=opts, log=log.info)
+                out = merge(steps, a.out_dir, options=opts, log=log.info, intermediate_dir=inter)
             finally:
                 ray.shutdown()
         else:  # one machine: threads of this process, one per core
-            out = merge(steps, a.out_dir, options=opts, log=log.info)
+            out = merge(steps, a.out_dir, options=opts, log=log.info, intermediate_dir=inter)
     except RdistillError as e:  # a bad plan, input, statistics or result: its one line
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,10 +25,12 @@ def chain_resolver(done: dict[str, Path], fallback: Callable[[str], str]) -> Cal
 
 def merge(plan: Any, out_dir: str | Path, *, resolve: Optional[Callable[[str], str]] = None,
           options: Optional[Options] = None, log: Callable[[str], None] = print,
-          stats: Optional[list] = None, **kw) -> Path:
+          stats: Optional[list] = None, intermediate_dir: str | Path | None = None, **kw) -> Path:
     """Run a merge plan; returns the output directory of its last step.
 
-    One step writes to out_dir; a chain writes each step to out_dir/<step name>. `resolve` maps
+    One step writes to out_dir; a chain writes each step to out_dir/<step name>, or, given
+    `intermediate_dir` (mergekit-multi's layout), its last step to out_dir and the others to
+    intermediate_dir/<step name>. `resolve` maps
     model references to local paths (default: unchanged, relative to the current directory).
     Runs on the connected Ray cluster's tasks, or in this process's threads when Ray is not
     initialized (one machine: no cluster start-up). Keyword arguments set `Options` fields
@@ -51,7 +53,10 @@ def merge(plan: Any, out_dir: str | Path, *, resolve: Optional[Callable[[str], s
     done: dict[str, Path] = {}
     fallback = resolve or (lambda r: str(Path(r).expanduser().absolute()))
     for step in steps:
-        dest = out_dir if len(steps) == 1 else out_dir / step.name
+        if len(steps) == 1 or (intermediate_dir is not None and step is steps[-1]):
+            dest = out_dir
+        else:
+            dest = Path(intermediate_dir or out_dir).absolute() / step.name
         counts = run_step(step, dest, chain_resolver(done, fallback), opts, log)
         if stats is not None:
             stats.append(counts)

@@ -284,10 +284,17 @@ def load_plan(source: Any) -> list[MergeStep]:
     if isinstance(source, MergeStep):
         return [source]
     if isinstance(source, (str, Path)) and Path(source).is_file():
+        path = source
         try:
-            source = yaml.safe_load(Path(source).read_text())
+            docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
         except yaml.YAMLError as e:
-            raise PlanError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        # several documents: mergekit-multi's form, a chain whose intermediate merges are named
+        # (`name`) and referred to by that name in later documents; the last is the final model
+        source = docs if len(docs) > 1 else (docs[0] if docs else None)
+        if len(docs) > 1 and any(not (isinstance(d, dict) and d.get("name")) for d in docs[:-1]):
+            raise PlanError(f"{path}: every document but the last needs a name (mergekit-multi's "
+                            "intermediate merges), by which later documents refer to it")
     if isinstance(source, dict) and "steps" in source:
         source = source["steps"]
     items = source if isinstance(source, list) else [source]
