@@ -136,3 +136,28 @@ def test_trainings_at_once_are_what_the_cores_hold_on_cpus(monkeypatch):
     assert topology.train_concurrency("gpu", tc, 4) == 4
     assert topology.train_concurrency("cpu", dataclasses.replace(tc, concurrent=2), 4) == 2
     assert topology.train_concurrency("cpu", dataclasses.replace(tc, concurrent=8), 4) == 4
+
+
+def test_run_at_most_within_a_budget_admits_jobs_by_their_costs():
+    """The merge's memory budget: a job starts only when its cost fits beside those running;
+    one job runs alone whatever its cost (the planner sized it)."""
+    import threading
+    import time
+
+    from rdistill.parallel import run_at_most
+    lock, running, seen = threading.Lock(), {}, []
+
+    def job(i: int, cost: int) -> int:
+        with lock:
+            running[i] = cost
+            seen.append(sum(running.values()))
+        time.sleep(0.05)
+        with lock:
+            del running[i]
+        return i
+
+    costs = [6, 6, 3, 3, 3, 20, 1]
+    out = run_at_most(4, [lambda i=i, c=c: job(i, c) for i, c in enumerate(costs)], costs=costs, budget=10)
+    assert out == list(range(7))
+    assert all(s <= 10 or s == 20 for s in seen) and 20 in seen  # within the budget; the big one alone
+    assert 9 in seen  # three of cost 3 ran together: the budget, not one at a time, bounds them

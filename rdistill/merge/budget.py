@@ -9,15 +9,14 @@ rounded up). A unit of several tensors merges them one after another, so it hold
 The planner cuts a tensor too big for the budget into row blocks that fit (for the methods that
 can merge blocks: element-wise ones, TIES and Fusion through two passes), refuses before any
 work a budget too small for one row (`BudgetError`, naming the smallest budget that works), and
-`run_within` starts a unit only when its bytes fit beside those already in flight, on threads
-or Ray tasks alike. The budget bounds the merge's working memory; the process's own footprint
+units start only when their bytes fit beside those already in flight, on threads or Ray tasks
+alike (`rdistill.parallel.run_at_most` with their costs and the budget). The budget bounds the merge's working memory; the process's own footprint
 (interpreter, torch: about 150 MB anonymous) comes on top.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from rdistill.merge.plan import PlanError
 
@@ -130,43 +129,3 @@ def too_small(budget: int, need: int, what: str) -> BudgetError:
     least = int(need * 1.01) + 1
     return BudgetError(f"memory budget {fmt(budget)} (--max-memory, merge.max_memory_gb) cannot hold {what}: "
                        f"the smallest budget that works is {fmt(least)} ({least} bytes)")
-
-
-def run_within(budget: int, width: int, jobs: Sequence[tuple[int, Callable[[], object]]], name: str = "merge") -> list:
-    """Run (bytes, fn) jobs in order, at most `width` at once and, while any runs, only as many
-    as fit in `budget` together; results in job order. After the first error no new job starts
-    and that error is raised once the running ones end."""
-    results: list = [None] * len(jobs)
-    errors: list[BaseException] = []
-    cond = threading.Condition()
-    state = {"bytes": 0, "running": 0}
-
-    def work(i: int, cost: int, fn: Callable[[], object]) -> None:
-        try:
-            results[i] = fn()
-        except BaseException as e:  # noqa: BLE001 (re-raised in the calling thread)
-            errors.append(e)
-        finally:
-            with cond:
-                state["bytes"] -= cost
-                state["running"] -= 1
-                cond.notify_all()
-
-    threads = []
-    for i, (cost, fn) in enumerate(jobs):
-        with cond:  # short waits: Ctrl-C reaches the main thread
-            while not errors and state["running"] and (state["running"] >= width or
-                                                        state["bytes"] + cost > budget):
-                cond.wait(0.5)
-            if errors:
-                break
-            state["bytes"] += cost
-            state["running"] += 1
-        threads.append(threading.Thread(target=work, args=(i, cost, fn), daemon=True, name=f"{name}-{i}"))
-        threads[-1].start()
-    for th in threads:
-        while th.is_alive():
-            th.join(0.5)
-    if errors:
-        raise errors[0]
-    return results

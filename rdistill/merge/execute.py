@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from rdistill.errors import RdistillError
-from rdistill.merge.budget import item_bytes, resolve_budget, rows_that_fit, run_within, too_small
+from rdistill.parallel import run_at_most
+from rdistill.merge.budget import item_bytes, resolve_budget, rows_that_fit, too_small
 from rdistill.merge.inputs import InputModel, check_inputs, load_input
 from rdistill.merge.methods import METHODS
 from rdistill.merge.plan import MergeStep, PlanError, check_slices, tensor_parameters
@@ -107,14 +108,17 @@ def _out_dtype(step: MergeStep, locs: list[TensorLoc]) -> str:
 ELEMENTWISE = {"linear", "task_arithmetic"}
 
 
-def _merge_in_threads(jobs: list, args: tuple, use_gpu: bool, width: int, budget: int) -> list[dict]:
-    """The (bytes, unit) jobs on threads of this process: reads, torch ops and pwrite release
-    the GIL. One torch thread per pool thread, so `width` threads do not oversubscribe the cores."""
+def _merge_in_threads(units: list, costs: list[int], args: tuple, use_gpu: bool, width: int,
+                      budget: int) -> list[dict]:
+    """The units (their peak bytes in costs) on threads of this process: reads, torch ops and
+    pwrite release the GIL. One torch thread per pool thread, so `width` threads do not
+    oversubscribe the cores."""
     import torch
     keep = torch.get_num_threads()
     torch.set_num_threads(max(1, keep // width))
     try:
-        return run_within(budget, width, [(b, lambda u=u: merge_unit(*args, u, use_gpu)) for b, u in jobs])
+        return run_at_most(width, [lambda u=u: merge_unit(*args, u, use_gpu) for u in units], costs=costs,
+                           budget=budget, name="merge")
     finally:
         torch.set_num_threads(keep)
 
@@ -254,16 +258,16 @@ def _in_background(fn: Callable[[], None]) -> Callable[[], None]:
 def _runner(opts: "Options", width: int, budget: int, args: tuple, use_gpu: bool) -> Callable[[list], list]:
     """Runs a list of units to completion, in order, each started when it fits the budget
     beside those running (at most `width` at once): in this process's threads, or as Ray tasks."""
-    def jobs(units: list) -> list:
-        return [(max(item_bytes(args[0], args[1], t) for t in u.tensors), u) for u in units]
+    def costs(units: list) -> list[int]:  # a unit merges its tensors one after another: its largest
+        return [max(item_bytes(args[0], args[1], t) for t in u.tensors) for u in units]
     if opts.in_process:
-        return lambda units: _merge_in_threads(jobs(units), args, use_gpu, width, budget)
+        return lambda units: _merge_in_threads(units, costs(units), args, use_gpu, width, budget)
     import ray
 
     from rdistill.topology import merge_task_options
     task = ray.remote(merge_unit).options(**merge_task_options(opts.device))
-    return lambda units: run_within(budget, width, [(b, lambda u=u: ray.get(task.remote(*args, u, use_gpu)))
-                                                    for b, u in jobs(units)])
+    return lambda units: run_at_most(width, [lambda u=u: ray.get(task.remote(*args, u, use_gpu)) for u in units],
+                                     costs=costs(units), budget=budget, name="merge")
 
 
 def _merge_all(work: tuple, step: MergeStep, target: int, run: Callable[[list], list]) -> list[dict]:
