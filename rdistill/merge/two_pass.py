@@ -9,9 +9,9 @@ run on a different core or node, and the result equals whole-tensor merging bit 
 
 - TIES (16-bit compute, no rescale): a histogram of the 16-bit patterns of |task vector| per
   block, sent as its non-zero bins (bf16 and fp16 non-negative values sort as their bit
-  patterns), so the threshold is exact
-  and O(n); of the entries equal to it, the first ones in index order are kept until exactly k
-  are (as `methods.top_k_mask` does), which needs how many ties lie in the blocks before.
+  patterns), so the threshold is exact and O(n); of the entries equal to it, the first ones in
+  index order are kept until exactly k are (as `methods.top_k_mask` does), which needs how many
+  ties lie in the blocks before.
 - Arcee Fusion: importance is row-local (a per-row KL times |change|), so a block computes its
   rows' importances and returns those at the positions of the quantile sample (drawn from the
   same seeded generator as the whole-tensor path) and its rows' KL (pass 2 then skips the
