@@ -64,7 +64,8 @@ def main(argv: list[str]) -> int:
         train2 = _stage(dst, "train")
         print(f"domain changed: {a.domain} ({len(rows)} rows)")
         print(f"Branch-Merge update: retrained {train['result']['trained']}, reused {train['result']['reused']}; "
-              f"train + merge stages {bm_stages:.0f} s ({bm:.0f} s with start-up)")
+              f"train + merge stages {bm_stages:.0f} s (train {train['wall_time_s']:.0f} s, merge "
+              f"{bm_stages - train['wall_time_s']:.0f} s; {bm:.0f} s with start-up)")
         print(f"mixture update: retrained {train2['result']['trained']}, reused {train2['result']['reused']}; "
               f"train stage {train2['wall_time_s']:.0f} s ({mix:.0f} s with start-up)")
         print(f"ratio (mixture / Branch-Merge, stage times): {train2['wall_time_s'] / bm_stages:.2f}x")

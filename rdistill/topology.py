@@ -278,9 +278,10 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
                 all_at_once = {k: v * len(cfg.domains) for k, v in per.items()}
             p.resources = peak
             if cfg.train.kd.weight > 0:
+                from rdistill.data.packing import kd_bytes_per_token
                 k = cfg.train.kd.top_k
                 p.notes.append(f"logit KD: {cfg.train.kd.teacher or cfg.teacher.model}'s top-{k} logprobs stored at "
-                               f"every loss token, {6 * k} bytes per token (int32 ids + float16 logprobs), "
+                               f"every loss token, {kd_bytes_per_token(k)} bytes per token (int32 ids + float16 logprobs), "
                                f"KL weight {cfg.train.kd.weight} at temperature {cfg.train.kd.temperature}")
             p.notes.append("branches run concurrently when the cluster holds "
                            + ", ".join(f"{k}={v:g}" for k, v in all_at_once.items()) + ", else queue")
@@ -303,9 +304,12 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             if cfg.device == "cpu":  # the engine stays up on CPUs; on GPUs it is closed for the update
                 for k, v in _sum([s["resources_per_worker"]], s["num_workers"]).items():
                     p.resources[k] = p.resources.get(k, 0) + v
+            from rdistill.data.packing import kd_bytes_per_token
+            loss = (f"top-{dc.top_k} KL to the teacher, {kd_bytes_per_token(dc.top_k)} bytes per token of rows"
+                    if dc.loss == "topk_kl" else "policy gradient of the reverse KL")
             p.notes.append(f"{dc.rounds} round(s): {dc.prompts_per_domain} prompts x {dc.samples_per_prompt} "
                            f"samples per domain on a warm vLLM engine, scored by each domain's teacher, then "
-                           f"{tc.num_workers} Ray Train worker(s) (policy gradient, lr={tc.lr})")
+                           f"{tc.num_workers} Ray Train worker(s) ({loss}, lr={tc.lr})")
         elif stage in ("merge", "verify"):
             p.resources = {"CPU": 1}
             p.notes.append("tasks spread over every free CPU")

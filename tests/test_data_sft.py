@@ -152,3 +152,24 @@ def test_prepare_data_writes_memory_mapped_rows_and_old_npz_files_still_read(stu
     old = PackedRows(tmp_path / "old.npz")
     a, b = old.batch([0, 1], tok.pad_token_id), pr.batch([0, 1], tok.pad_token_id)
     assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "position_ids", "targets"))
+
+
+def test_a_branch_key_survives_a_copied_run_dir_but_not_another_base(tmp_path):
+    """A run directory copied or moved (its toy base inside it) keeps its branches' keys, so an
+    update retrains only the changed domain; a base elsewhere is keyed by its absolute path."""
+    import shutil
+
+    from rdistill.train.budget import branch_key
+    a = tmp_path / "a"
+    (a / "toy" / "base").mkdir(parents=True)
+    (a / "toy" / "base" / "model.safetensors").write_bytes(b"x" * 10)
+    (a / "math.jsonl").write_text('{"messages": []}\n')
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    cfg = TrainConfig()
+    key = lambda root, base: branch_key(str(base), str(root / "math.jsonl"), cfg, "cpu", root=root)  # noqa: E731
+    assert key(a, a / "toy" / "base") == key(b, b / "toy" / "base")
+    # the same base files outside the run dir: a different model as far as the key knows
+    assert key(a, a / "toy" / "base") != key(b, a / "toy" / "base")
+    (b / "math.jsonl").write_text('{"messages": [1]}\n')
+    assert key(a, a / "toy" / "base") != key(b, b / "toy" / "base")

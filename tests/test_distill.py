@@ -176,8 +176,8 @@ def test_train_overrides_the_stage_sets_itself_are_refused(tmp_path):
 
 # ---- offline logit KD: the top-k KL term ----------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [0, 5])
-def test_kd_term_matches_its_formula_and_pads_weigh_nothing(chunk):
+@pytest.mark.parametrize("chunk,ce_weight", [(0, 1.0), (5, 1.0), (5, 0.0)])
+def test_kd_term_matches_its_formula_and_pads_weigh_nothing(chunk, ce_weight):
     from transformers import AutoModelForCausalLM
 
     from rdistill.data.packing import KD_PAD_LOGPROB
@@ -190,7 +190,7 @@ def test_kd_term_matches_its_formula_and_pads_weigh_nothing(chunk):
     tlp = torch.log_softmax(torch.randn(2, 24, k, generator=g) * 2, -1) - 0.3  # top-k of a larger vocabulary
     tlp[..., -1] = KD_PAD_LOGPROB  # a missing entry
     b["kd_logprobs"] = tlp
-    kd = {"weight": 0.5, "temperature": 2.0}
+    kd = {"weight": 0.5, "temperature": 2.0, "ce_weight": ce_weight}
     got = token_losses(model, b, chunk, kd=kd)
     got.sum().backward()
     g1 = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -200,7 +200,7 @@ def test_kd_term_matches_its_formula_and_pads_weigh_nothing(chunk):
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["targets"], ignore_index=IGNORE, reduction="none")
     s = torch.log_softmax(logits / 2.0, -1).gather(-1, b["kd_ids"])[..., :-1]
     t = torch.log_softmax(tlp[..., :-1], -1)  # the pad dropped, the rest renormalised
-    want = ce + 0.5 * 4.0 * (t.exp() * (t - s)).sum(-1) * mask
+    want = ce_weight * ce + 0.5 * 4.0 * (t.exp() * (t - s)).sum(-1) * mask
     want.sum().backward()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for n, p in model.named_parameters():
@@ -224,3 +224,33 @@ def test_mean_baseline_centres_each_domains_advantages(tmp_path):
     assert none["domains"] == stats["domains"]
     assert abs(np.asarray(PackedRows(tmp_path / "rows2").floats["advantages"]).sum() - sum(
         advantages(s).sum() for s in scored)) < 1e-3
+
+
+def test_teacher_top_k_rows_pack_at_the_positions_that_predict_each_completion_token(tmp_path):
+    """distill.loss=topk_kl: each completion token's teacher top-k (from its prefill) sits at the
+    position that predicts it; prompt positions and a narrower top-k hold the pad (weight 0)."""
+    from rdistill.data.packing import KD_PAD_LOGPROB
+    from rdistill.distill.rounds import write_rows
+    scored = []
+    for i, (p, c, k) in enumerate([(5, 6, 3), (4, 9, 2), (7, 3, 3)]):
+        s = _scored(p, c, i)
+        rng = np.random.default_rng(10 + i)
+        s["teacher_top"] = [[(int(t), float(-rng.random())) for t in rng.integers(3, 500, k)] for _ in range(c)]
+        scored.append(s)
+    stats = write_rows(scored, tmp_path / "rows", 64)
+    pr = PackedRows(tmp_path / "rows")
+    assert set(pr.kd) == {"kd_ids", "kd_logprobs"} and not pr.floats and stats["rows"] == 1
+    ids, lp, tgt = np.asarray(pr.kd["kd_ids"]), np.asarray(pr.kd["kd_logprobs"], np.float32), np.asarray(pr.targets)
+    assert ids.shape == (sum(len(s["prompt_ids"]) + len(s["completion_ids"]) for s in scored), 3)
+    at = 0
+    for s in scored:  # one row, samples in order
+        p, c = len(s["prompt_ids"]), len(s["completion_ids"])
+        for j, top in enumerate(s["teacher_top"]):
+            pos = at + p - 1 + j
+            assert tgt[pos] == s["completion_ids"][j]
+            assert ids[pos, :len(top)].tolist() == [t for t, _ in top]
+            np.testing.assert_allclose(lp[pos, :len(top)], [x for _, x in top], atol=1e-3)
+            assert (lp[pos, len(top):] == KD_PAD_LOGPROB).all()
+        assert (lp[at:at + p - 1] == KD_PAD_LOGPROB).all()
+        at += p + c
+    assert (lp[tgt == IGNORE] == KD_PAD_LOGPROB).all()

@@ -2,7 +2,7 @@
 DeepSpeed updates): a model distilled from itself has advantage 0 everywhere and keeps its
 weights; a stage that dies in its second round resumes after its first; a student missing a
 domain's skill (the toy base) distilled from a teacher that has it (the toy teacher) gains on that
-domain's dev split by more than 2 standard errors."""
+domain's dev split by more than 2 standard errors (with the default top-k KL loss)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,11 @@ def _weights(d) -> dict:
 
 def test_self_distillation_changes_nothing_and_a_killed_stage_resumes(ray_cluster, tmp_path, monkeypatch):
     from rdistill.distill import stage as distill
+    # the policy-gradient loss: its gradient is exactly 0 at advantage 0 (topk_kl's is not quite: its
+    # teacher side is renormalised over the top k, which pulls mass into them)
     cfg, run = _run(tmp_path, f"distill.student={BASE}", f"+distill.teachers.science={BASE}", "distill.rounds=2",
-                    "distill.prompts_per_domain=8", "distill.lr=1e-3", "distill.temperature=0.8")
+                    "distill.prompts_per_domain=8", "distill.lr=1e-3", "distill.temperature=0.8",
+                    "distill.loss=reverse_kl")
     real, calls = distill._update, []
 
     def dies_in_round_2(student, rows, out, c, storage, r):
@@ -79,7 +82,7 @@ def test_self_distillation_changes_nothing_and_a_killed_stage_resumes(ray_cluste
 
 def test_distilling_a_missing_skill_from_a_teacher_that_has_it_raises_dev_score(ray_cluster, tmp_path):
     cfg, run = _run(tmp_path, f"distill.student={BASE}", f"+distill.teachers.science={TEACHER}", "distill.rounds=2",
-                    "distill.prompts_per_domain=32", "distill.lr=1e-4", "distill.dev_prompts=40",
+                    "distill.prompts_per_domain=32", "distill.lr=2e-4", "distill.dev_prompts=40",
                     "distill.dev_samples=2")
     m = pipeline.run_stage(cfg, run, "distill")
     curve = m["result"]["dev_curve"]

@@ -215,7 +215,8 @@ def test_distill_section_rows_cost_and_dev_curve(run_dir):
         d: {"reverse_kl_per_token": 0.3 / r} for d in DOMS}}} for r in (1, 2)]
     (run_dir / "distill").mkdir()
     (run_dir / "distill" / "rounds.json").write_text(json.dumps(
-        {"student": "merged", "teachers": {d: f"branch:{d}" for d in DOMS}, "rounds": rounds, "dev_curve": curve}))
+        {"student": "merged", "teachers": {d: f"branch:{d}" for d in DOMS}, "loss": "topk_kl", "rounds": rounds,
+         "dev_curve": curve}))
     (run_dir / "distill" / "manifest.json").write_text(json.dumps({"wall_time_s": 52.0,
                                                                    "result": {"update_s": 20.0}}))
     out = run_dir / "report"
@@ -225,6 +226,7 @@ def test_distill_section_rows_cost_and_dev_curve(run_dir):
     assert "| merge:fusion | 70.0 ± 3.0 | 50.0 ± 3.0 | 60.0 ± 3.0 |" in sec
     assert "| merge+distill | 78.0 ± 3.0 | 58.0 ± 3.0 | 69.0 ± 3.0 |" in sec
     assert "| 2 | 64 | 0.15 | 0.15 | 0.15 | 5.0 | 10.0 |" in sec
+    assert "(loss `topk_kl`)." in sec
     assert "took 52 s wall, 20 s of it in the updates; the mixture baseline trained for 100 s (130 s wall), " \
            "so distilling cost 0.40x the mixture's wall time" in sec
     assert "distill_dev" in info["plots"] and Image.open(out / "distill_dev.png").size[0] > 100
@@ -346,3 +348,15 @@ def test_equal_scores_without_spread_differ_by_zero_standard_errors():
     assert Score(1.0, 0.0).minus(Score(0.9, 0.0)).z == float("inf")
     assert Score(0.9, 0.0).minus(Score(1.0, 0.0)).z == float("-inf")
     assert abs(Score(0.9, 0.02).minus(Score(0.95, 0.01)).z + 0.05 / (0.02 ** 2 + 0.01 ** 2) ** 0.5) < 1e-12
+
+
+def test_students_trained_with_logit_kd_carry_plus_kd(tmp_path):
+    from rdistill.report.stage import labels_for
+    models = ["base", "branch:math", "mixture", "merge:ties", "teacher"]
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"kd": {"weight": 0.0}}}))
+    plain = labels_for(tmp_path, models)
+    assert not any("+kd" in v for v in plain.values()) and plain["mixture"] == "mixture (all SFT sets)"
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"kd": {"weight": 0.5}}}))
+    kd = labels_for(tmp_path, models)
+    assert kd["branch:math"] == "branch:math+kd" and kd["mixture"] == "mixture+kd (all SFT sets)"
+    assert "merge:ties" not in kd and "base" not in kd  # merges of KD branches keep their names

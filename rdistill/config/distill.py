@@ -11,7 +11,7 @@ from rdistill.config.models import EngineConfig
 
 # train settings the distill update sets itself (its rows, steps and policy-gradient loss)
 DISTILL_TRAIN_FIXED = ("mixture_baseline", "save_steps", "epochs", "max_steps", "packing", "chat_template",
-                       "tokenize_with_ray_data")
+                       "tokenize_with_ray_data", "kd")
 
 
 @dataclass
@@ -28,6 +28,9 @@ class KDConfig:
     top_k: int = spec(16, gt=0)
     """Teacher logprobs kept per token (stored as int32 ids + float16 logprobs: 6 * top_k bytes
     per token)."""
+    ce_weight: float = spec(1.0, ge=0.0)
+    """Weight of the cross-entropy term beside the KL (0: the KL alone, as the distill stage's
+    topk_kl loss trains, whose targets are the student's own samples)."""
     teacher: Optional[str] = None
     """Model reference of the KD teacher (None: teacher.model, which must then be a local vllm
     model with the student's tokenizer, as the toy teacher is)."""
@@ -62,6 +65,17 @@ class DistillConfig:
     """Most tokens per sampled completion."""
     lr: float = spec(1e-5, gt=0)
     """Learning rate of each round's update."""
+    loss: str = spec("topk_kl", choices=["topk_kl", "reverse_kl"])
+    """The update's loss on the student's samples. topk_kl: at every completion position,
+    KL(teacher's top-k renormalised || student) (GKD's on-policy form, the offline KD term of
+    rdistill.train.kd_loss with no cross-entropy): every position learns the teacher's whole
+    distribution, including where the student sampled the right token but was unsure.
+    reverse_kl: the importance-weighted policy gradient of the sampled tokens' advantages
+    (teacher minus student logprob, the per-token reverse KL; Thinking Machines' and Qwen3's
+    form): only the sampled token moves."""
+    top_k: int = spec(16, gt=0)
+    """Teacher logprobs kept per position for topk_kl (above 20, the engine's max_logprobs is
+    raised to it)."""
     baseline: str = spec("mean", choices=["mean", "none"])
     """Subtracted from each domain's per-token advantages in a round: their mean (a constant
     baseline: same expected gradient, less variance; a student behind its teacher otherwise
@@ -106,8 +120,11 @@ class DistillConfig:
 
 def distill_train_config(cfg):
     """The train section of each round's update: train's settings, distill.train_overrides, the
-    distill learning rate and steps, one pass over the round's rows otherwise."""
+    distill learning rate and steps, one pass over the round's rows otherwise; for topk_kl, the
+    KD term alone (no cross-entropy of the student's own samples)."""
     import dataclasses
     dc = cfg.distill
+    kd = KDConfig(weight=1.0, temperature=dc.temperature, top_k=dc.top_k, ce_weight=0.0) \
+        if dc.loss == "topk_kl" else KDConfig()
     return dataclasses.replace(cfg.train, **dc.train_overrides, lr=dc.lr, max_steps=dc.steps_per_round, epochs=1.0,
-                               packing=True, save_steps=[], mixture_baseline=False)
+                               packing=True, save_steps=[], mixture_baseline=False, kd=kd)

@@ -25,12 +25,17 @@ from rdistill.data.sft import IGNORE, Tokenized
 
 COLUMNS = ("ids", "targets", "positions")
 FLOAT_COLUMNS = ("advantages", "old_logprobs")
+"""Optional per-token float32 columns, aligned with `targets` (the value at a position belongs to
+the token that position predicts; 0 where the target is IGNORE)."""
 KD_COLUMNS = ("kd_ids", "kd_logprobs")
 """Optional (tokens, k) columns of offline logit KD: the teacher's top-k token ids (int32) and
 logprobs (float16) for the token each position predicts (rdistill.train.kd)."""
 KD_PAD_LOGPROB = -1.0e4  # a missing top-k entry: probability 0 after renormalisation
-"""Optional per-token float32 columns, aligned with `targets` (the value at a position belongs to
-the token that position predicts; 0 where the target is IGNORE)."""
+
+
+def kd_bytes_per_token(top_k: int) -> int:
+    """Bytes the KD columns take per token: int32 ids + float16 logprobs."""
+    return 6 * top_k
 
 
 def pack_first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -132,21 +137,32 @@ def save_rows(path: str | Path, samples: list[Tokenized], rows: list[list[int]])
 
 
 def save_token_rows(path: str | Path, samples: list[dict], rows: list[list[int]]) -> dict:
-    """save_rows for samples given as token arrays: {ids, targets} and any FLOAT_COLUMNS (all of
-    one length per sample, targets already shifted); the float columns present in the first
-    sample are written for every sample."""
+    """save_rows for samples given as token arrays: {ids, targets} and any FLOAT_COLUMNS or
+    KD_COLUMNS (all of one length per sample, targets already shifted); the columns present in
+    the first sample are written for every sample."""
     offsets, dest = row_layout([len(s["ids"]) for s in samples], rows)
     arrays = open_rows(path, offsets)
     extra = [c for c in FLOAT_COLUMNS if samples and c in samples[0]]
     floats = {c: np.lib.format.open_memmap(Path(path) / f"{c}.npy", mode="w+", dtype=np.float32,
                                            shape=(int(offsets[-1]),)) for c in extra}
+    if samples and "kd_ids" in samples[0]:  # (tokens, k) teacher top-k, padded where a row has none
+        k = max(s["kd_ids"].shape[1] for s in samples)
+        for c, dt, fill in (("kd_ids", np.int32, 0), ("kd_logprobs", np.float16, KD_PAD_LOGPROB)):
+            floats[c] = np.lib.format.open_memmap(Path(path) / f"{c}.npy", mode="w+", dtype=dt,
+                                                  shape=(int(offsets[-1]), k))
+            floats[c][:] = fill
+        extra += list(KD_COLUMNS)
     for i, s in enumerate(samples):
         at = int(dest[i])
         if at < 0:
             continue
         write_sample(arrays, at, s["ids"], s["targets"])
         for c in extra:
-            floats[c][at:at + len(s["ids"])] = s[c]
+            v = s[c]  # a narrower top-k keeps the fill in its last columns
+            if v.ndim == 2:
+                floats[c][at:at + len(v), :v.shape[1]] = v
+            else:
+                floats[c][at:at + len(v)] = v
     for a in (*arrays.values(), *floats.values()):
         a.flush()
     return {"rows": len(rows), "tokens": int(offsets[-1])}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rdistill.data.packing import build_rows, save_token_rows
+from rdistill.data.packing import KD_PAD_LOGPROB, build_rows, save_token_rows
 from rdistill.data.sft import IGNORE
 from rdistill.llm.batch import expand_samples
 from rdistill.prompts.eval_rows import prompt_records
@@ -55,13 +55,17 @@ def sample_and_score(pool, student: str, teachers: dict[str, str], rows: list[di
                              "rows": [{"id": r["id"], "messages": r["messages"], "seed": r["seed"]} for r in rows]}])
     toks = {i: {"id": i, "prompt_ids": a["prompt_ids"], "completion_ids": a["completion_ids"]}
             for i, a in sampled.items() if a["completion_ids"]}
-    mine = _by_id(pool, [{"model": student, "kwargs": kwargs, "task": "score", "temperature": dc.temperature,
-                          "rows": list(toks.values())}])
+    topk = dc.top_k if dc.loss == "topk_kl" else 0
+    if topk:  # the KL needs no student logprob: the sampler's serve the round's statistics
+        mine = {i: {"logprobs": sampled[i]["logprobs"]} for i in toks}
+    else:
+        mine = _by_id(pool, [{"model": student, "kwargs": kwargs, "task": "score", "temperature": dc.temperature,
+                              "rows": list(toks.values())}])
     t_temp = dc.teacher_temperature or dc.temperature
     jobs = []
     for path in sorted(set(teachers.values())):
         doms = {d for d, p in teachers.items() if p == path}
-        jobs.append({"model": path, "kwargs": kwargs, "task": "score", "temperature": t_temp,
+        jobs.append({"model": path, "kwargs": kwargs, "task": "score", "temperature": t_temp, "top_k": topk,
                      "rows": [toks[r["id"]] for r in rows if r["domain"] in doms and r["id"] in toks]})
     theirs = _by_id(pool, jobs)
     out = []
@@ -72,7 +76,7 @@ def sample_and_score(pool, student: str, teachers: dict[str, str], rows: list[di
         out.append({"id": r["id"], "domain": r["domain"], "prompt_ids": a["prompt_ids"],
                     "completion_ids": a["completion_ids"], "sampled_logprobs": a["logprobs"],
                     "student_logprobs": mine[r["id"]]["logprobs"], "teacher_logprobs": theirs[r["id"]]["logprobs"],
-                    "finish_reason": a["finish_reason"]})
+                    "finish_reason": a["finish_reason"], **({"teacher_top": theirs[r["id"]]["top"]} if topk else {})})
     return out
 
 
@@ -84,7 +88,8 @@ def advantages(s: dict) -> np.ndarray:
 def token_sample(s: dict, baseline: float = 0.0) -> dict:
     """A scored sample as a training sample: ids (prompt + completion), targets shifted within the
     sample (completion tokens only), and aligned with the targets the advantage (minus
-    `baseline`) and the student's logprob of the token each position predicts."""
+    `baseline`) and the student's logprob of the token each position predicts; with the
+    teacher's top-k (`teacher_top`), the KD columns (rdistill.data.packing.KD_COLUMNS) instead."""
     p, c = list(s["prompt_ids"]), list(s["completion_ids"])
     ids = np.asarray(p + c, np.int32)
     n = len(ids)
@@ -93,6 +98,14 @@ def token_sample(s: dict, baseline: float = 0.0) -> dict:
     old = np.zeros(n, np.float32)
     at = slice(len(p) - 1, n - 1)  # position j predicts token j+1: the completion's tokens
     targets[at] = c
+    if "teacher_top" in s:
+        k = max(len(t) for t in s["teacher_top"])
+        kd_ids = np.zeros((n, k), np.int32)
+        kd_lp = np.full((n, k), KD_PAD_LOGPROB, np.float16)
+        for j, top in enumerate(s["teacher_top"]):
+            kd_ids[len(p) - 1 + j, :len(top)] = [t for t, _ in top]
+            kd_lp[len(p) - 1 + j, :len(top)] = [lp for _, lp in top]
+        return {"ids": ids, "targets": targets, "kd_ids": kd_ids, "kd_logprobs": kd_lp}
     adv[at] = advantages(s) - np.float32(baseline)
     old[at] = np.asarray(s["student_logprobs"], np.float32)
     return {"ids": ids, "targets": targets, "advantages": adv, "old_logprobs": old}
@@ -127,11 +140,13 @@ def write_rows(scored: list[dict], rows_dir: Path, max_len: int, baseline: str =
     for d in sorted({s["domain"] for s in scored}):
         mine = [s for s in keep if s["domain"] == d]
         a = np.concatenate([advantages(s) for s in mine]) if mine else np.zeros(0)
-        gap = max((float(np.max(np.abs(np.asarray(s["sampled_logprobs"]) - np.asarray(s["student_logprobs"]))))
-                   for s in mine), default=0.0)
+        # the sampler's logprobs against the student's own prefill (none for topk_kl: not prefilled)
+        gap = None if any("teacher_top" in s for s in mine) else round(max(
+            (float(np.max(np.abs(np.asarray(s["sampled_logprobs"]) - np.asarray(s["student_logprobs"]))))
+             for s in mine), default=0.0), 6)
         stats["domains"][d] = {"samples": len(mine), "tokens": int(a.size),
                                "reverse_kl_per_token": round(float(-a.mean()), 6) if a.size else None,
                                "max_abs_advantage": round(float(np.abs(a).max()), 6) if a.size else None,
-                               "sampler_prefill_max_gap": round(gap, 6),
+                               "sampler_prefill_max_gap": gap,
                                "cut_at_max_tokens": sum(s["finish_reason"] == "length" for s in mine)}
     return stats

@@ -5,12 +5,15 @@ tokenizer, so the branch can score the merged student's own samples. Each round:
 1. sample: the current student (a frozen snapshot: the model the last round wrote) samples k
    completions for n train prompts per domain on a warm vLLM engine (its weights reloaded in
    place, rdistill.llm.warm), token ids and logprobs returned;
-2. score: the student and each domain's teacher prefill prompt + completion ids (prompt
-   logprobs, max_tokens=1) on the same engine, weights swapped in place (one family);
+2. score: each domain's teacher (and for reverse_kl the student) prefills prompt + completion
+   ids (prompt logprobs, max_tokens=1; the teacher's top-k too for topk_kl) on the same engine,
+   weights swapped in place (one family);
 3. advantage: teacher logprob - student logprob per sampled token (negative reverse KL);
-4. update: the importance-weighted policy gradient of those advantages in the project's Ray
-   Train + DeepSpeed loop (rdistill.train: packed rows, chunked loss, sequence parallelism),
-   from the snapshot, for steps_per_round steps (samples are at most one round stale).
+4. update, in the project's Ray Train + DeepSpeed loop (rdistill.train: packed rows, chunked
+   loss, sequence parallelism), from the snapshot, for steps_per_round steps (samples are at
+   most one round stale): distill.loss topk_kl (default) trains KL(teacher top-k || student) at
+   every completion position (the teacher's top-k come back from its prefill); reverse_kl the
+   importance-weighted policy gradient of the advantages.
 Each finished round leaves its model and `done.json` in the stage's work folder, so a killed
 stage resumes after its last finished round. Outputs: `model/` (the `distilled` reference, the
 `merge+distill` row of evaluate), `rounds.json` (per-round statistics, costs and the dev curve).
@@ -93,11 +96,13 @@ class _Engine:
 
 
 def _update(student: str, rows_dir: Path, out: Path, cfg, storage: Path, r: int) -> dict:
-    """One round's policy-gradient update in Ray Train (rdistill.train), from `student` to `out`."""
+    """One round's update in Ray Train (rdistill.train), from `student` to `out`."""
     from rdistill.train.sft import fit_sft, prepare_rows
+    pg = cfg.distill.loss == "reverse_kl"  # else topk_kl: the KD term of SFT rows (train.kd)
     job = prepare_rows(student, str(rows_dir), str(out), distill_train_config(cfg), device=cfg.device,
-                       name=f"distill-round-{r}", storage_dir=str(storage), objective="policy_gradient",
-                       temperature=cfg.distill.temperature, clip=cfg.distill.clip)
+                       name=f"distill-round-{r}", storage_dir=str(storage),
+                       objective="policy_gradient" if pg else "sft", temperature=cfg.distill.temperature,
+                       clip=cfg.distill.clip)
     return fit_sft(job)
 
 
@@ -140,6 +145,8 @@ def run(ctx: StageContext) -> dict:
         elif merge_selection(ctx.run) and dc.student == "merged":
             log.info("distill: student = the run's chosen merge (%s)", merge_selection(ctx.run).get("candidate"))
         kwargs = engine_kwargs(cfg.device, engine_config(cfg))
+        if dc.loss == "topk_kl" and dc.top_k > 20:  # vLLM returns at most max_logprobs (20) per position
+            kwargs["max_logprobs"] = dc.top_k
         max_len = distill_train_config(cfg).max_len
         done = finished_rounds(ctx)
         student = done[-1]["model"] if done else start
@@ -181,8 +188,8 @@ def run(ctx: StageContext) -> dict:
     curve += [{"round": d["round"], "dev": d["dev"]} for d in done if "dev" in d]
     rounds = [{k: v for k, v in d.items() if k != "model"} for d in done]
     choice = json.loads(choice_file.read_text()) if choice_file.exists() else None
-    write_json_atomic(ctx.out / "rounds.json", {"student": start, "teachers": teachers, "rounds": rounds,
-                                                "dev_curve": curve, "merge_choice": choice})
+    write_json_atomic(ctx.out / "rounds.json", {"student": start, "teachers": teachers, "loss": dc.loss,
+                                                "rounds": rounds, "dev_curve": curve, "merge_choice": choice})
     last = done[-1]["data"]["domains"]
     return {"rounds": len(done), "model": "distill/model", "student": start,
             "merge_choice": choice and choice["candidate"], "wall_s": round(time.time() - t_start, 2),

@@ -41,7 +41,8 @@ def distill_markdown(run_dir: str | Path, results: list[dict], domains: list[str
     res = {(r["model"], r["domain"]): r for r in results}
     rows = [m for m in (merged, ROW, "mixture") if m and any((m, d) in res for d in domains)]
     lines = [f"{len(rounds['rounds'])} round(s) of on-policy distillation of `{rounds['student']}` from "
-             + ", ".join(f"{d}: `{p}`" for d, p in rounds["teachers"].items()) + ".", "",
+             + ", ".join(f"{d}: `{p}`" for d, p in rounds["teachers"].items())
+             + (f" (loss `{rounds['loss']}`)." if rounds.get("loss") else "."), "",
              *([f"The student was merge:{rounds['merge_choice']['candidate']}, the best merge on dev when the "
                 "stage ran (before evaluate's choice)."] if rounds.get("merge_choice") else []), "",
              "| model | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]

@@ -23,7 +23,8 @@ TABLE_START, TABLE_END = "<!-- table:text -->", "<!-- /table:text -->"
 
 
 def labels_for(run_dir: str | Path, models: list[str]) -> dict[str, str]:
-    """Display names: the chosen merge is marked, the teacher and base carry their names."""
+    """Display names: the chosen merge is marked, the teacher and base carry their names, and
+    students trained with offline logit KD (train.kd.weight > 0) carry `+kd`."""
     import json
     sel = inputs.selection(run_dir) or {}
     cfg_path = Path(run_dir) / "config.json"
@@ -39,6 +40,9 @@ def labels_for(run_dir: str | Path, models: list[str]) -> dict[str, str]:
             out[m] = f"base ({cfg['student']['name']})"
         elif m == "mixture":
             out[m] = "mixture (all SFT sets)"
+        if (cfg.get("train", {}).get("kd") or {}).get("weight", 0) > 0 and (m == "mixture" or m.startswith("branch:")):
+            head, _, tail = out.get(m, m).partition(" ")
+            out[m] = f"{head}+kd {tail}".strip()
     return out
 
 

@@ -67,12 +67,24 @@ def worker_seconds(wall_s: float, cfg: TrainConfig, device: str) -> tuple[float,
 NOT_ABOUT_THE_BRANCH = ("mixture_baseline", "concurrent")
 
 
-def branch_key(base_dir: str, sft_file: str, cfg: TrainConfig, device: str, kd_teacher: str | None = None) -> str:
-    """What a branch depends on: its SFT set's bytes, its train config, the base's files, the device
-    (and the teacher whose logprobs offline KD adds to its loss)."""
+def _where(path: str | None, root: Path | None) -> str | None:
+    """A model's place in a key: relative to the run directory when inside it (the toy's models),
+    so a copied or moved run directory reuses its branches; absolute otherwise."""
+    if path is None or root is None:
+        return path
+    p, r = Path(path).absolute(), Path(root).absolute()
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(p)
+
+
+def branch_key(base_dir: str, sft_file: str, cfg: TrainConfig, device: str, kd_teacher: str | None = None,
+               root: Path | None = None) -> str:
+    """What a branch depends on: its SFT set's bytes, its train config, the base (where it is and
+    its files' names and sizes), the device, and the teacher whose logprobs offline KD adds to its
+    loss. Models inside `root` (the run directory) are keyed by their place in it."""
     train = {k: v for k, v in to_dict(cfg).items() if k not in NOT_ABOUT_THE_BRANCH}
-    return stable_hash({"sft": file_hash(sft_file), "train": train, "base": [base_dir, listing_hash(Path(base_dir))],
-                        "device": device, "kd_teacher": kd_teacher})
+    return stable_hash({"sft": file_hash(sft_file), "train": train,
+                        "base": [_where(base_dir, root), listing_hash(Path(base_dir))],
+                        "device": device, "kd_teacher": _where(kd_teacher, root)})
 
 
 def reusable(previous: Path, key: str) -> dict | None:

@@ -89,8 +89,8 @@ def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     """Per-token losses (B, T) of `head` over hidden (B, T, H), 0 at IGNORE targets; kernel
     'liger' returns their sum only (a 0-d tensor: Liger's gradient assumes a scalar loss).
     temperature t: the losses of logits / t (the head is linear without bias, so h / t).
-    kd {ids, logprobs (B, T, k), weight, temperature}: adds weight * T^2 * the top-k KL
-    (rdistill.train.kd_loss) to each loss token's cross-entropy."""
+    kd {ids, logprobs (B, T, k), weight, temperature, ce_weight}: adds weight * T^2 * the top-k
+    KL (rdistill.train.kd_loss) to each loss token's cross-entropy (times ce_weight, default 1)."""
     if getattr(head, "bias", None) is not None:
         raise ValueError("the chunked loss supports LM heads without bias (set train.loss_chunk_tokens=0)")
     if temperature != 1.0:
@@ -108,7 +108,7 @@ def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
         sel = lambda x: x.reshape(B * T, k).to(h.device).index_select(0, idx)  # noqa: E731
         kl = topk_kl(hidden.reshape(B * T, H).index_select(0, idx), head.weight, sel(kd["ids"]),
                      sel(kd["logprobs"]), kd["temperature"], max(1, chunk))
-        per = per + kd["weight"] * kd["temperature"] ** 2 * kl
+        per = kd.get("ce_weight", 1.0) * per + kd["weight"] * kd["temperature"] ** 2 * kl
     return torch.zeros(B * T, dtype=per.dtype, device=per.device).index_copy(0, idx, per).view(B, T)
 
 

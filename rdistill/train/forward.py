@@ -20,7 +20,8 @@ def _inputs(model, batch: dict) -> dict:
 
 def token_losses(model, batch: dict, chunk_tokens: int = 0, temperature: float = 1.0, kd: dict | None = None):
     """(B, T) cross-entropy of each target token (0 where the target is IGNORE), of the logits
-    divided by `temperature`; kd {weight, temperature}: plus the top-k KL term of the batch's
+    divided by `temperature`; kd {weight, temperature, ce_weight}: ce_weight (default 1) times that
+    plus weight times the top-k KL term of the batch's
     kd_ids / kd_logprobs (rdistill.train.kd_loss).
 
     chunk_tokens > 0: through `ChunkedLinearCE` (never the whole [tokens, vocab] logits);
@@ -39,7 +40,7 @@ def token_losses(model, batch: dict, chunk_tokens: int = 0, temperature: float =
         from rdistill.train.kd_loss import logits_kl
         dev = out.logits.device
         kl = logits_kl(out.logits, kd["ids"].to(dev).long(), kd["logprobs"].to(dev), kd["temperature"])
-        ce = ce + kd["weight"] * kd["temperature"] ** 2 * kl * (tgt != IGNORE)
+        ce = kd.get("ce_weight", 1.0) * ce + kd["weight"] * kd["temperature"] ** 2 * kl * (tgt != IGNORE)
     return ce
 
 

@@ -13,13 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rdistill.data.packing import KD_PAD_LOGPROB
+from rdistill.data.packing import KD_PAD_LOGPROB, kd_bytes_per_token
 from rdistill.data.sft import IGNORE
 from rdistill.errors import ConfigError
-
-
-def bytes_per_token(top_k: int) -> int:
-    return 6 * top_k
 
 
 def check_kd_teacher(teacher: str, student: str) -> None:
@@ -72,4 +68,4 @@ def capture_topk(rows_dir: str | Path, teacher: str, kd, device: str, engine_cfg
     out_lp.flush()
     (rows_dir / ".kd_ids.npy").rename(rows_dir / "kd_ids.npy")
     (rows_dir / ".kd_logprobs.npy").rename(rows_dir / "kd_logprobs.npy")
-    return {"kd_samples": len(spans), "kd_top_k": k, "kd_bytes_per_token": bytes_per_token(k)}
+    return {"kd_samples": len(spans), "kd_top_k": k, "kd_bytes_per_token": kd_bytes_per_token(k)}

@@ -196,7 +196,8 @@ def train_loop(loop_config: dict) -> None:
     loss_how = "full logits" if not chunk else "Liger fused" if kernel == "liger" else f"{chunk}-token chunks"
     say(f"loss: {loss_how}, attention {config.attn}, sequence parallel {sp}, {dp_world} data-parallel replica(s)")
     # offline logit KD: rows that carry the teacher's top-k logprobs (train.kd.weight > 0)
-    kd = {"weight": tc.kd.weight, "temperature": tc.kd.temperature} if tc.kd.weight > 0 else None
+    kd = {"weight": tc.kd.weight, "temperature": tc.kd.temperature, "ce_weight": tc.kd.ce_weight} \
+        if tc.kd.weight > 0 else None
     progress = Path(config.progress_file) if config.progress_file and rank == 0 else None
     engine.train()
     for step in range(state["step"], total):

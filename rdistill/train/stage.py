@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> dict:
     kd = ctx.model(cfg.train.kd.teacher or cfg.teacher.model) if cfg.train.kd.weight > 0 else None
     for dom, sft in sets.items():
         tcfg[dom] = branch_train_config(cfg, dom)
-        keys[dom] = budget.branch_key(base, sft, tcfg[dom], cfg.device, kd_teacher=kd)
+        keys[dom] = budget.branch_key(base, sft, tcfg[dom], cfg.device, kd_teacher=kd, root=ctx.run.root)
         # One domain's set changed: only its branch retrains (and the mixture, whose data changed).
         previous = budget.reusable(ctx.run.stage_dir("train") / dom, keys[dom])
         if previous is not None:
