@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 from rdistill.config.fields import fail, spec
 from rdistill.config.models import EngineConfig
 
-# train settings the distill update sets itself (its rows, steps and policy-gradient loss)
+# train settings the distill update sets itself (its rows, steps and loss: policy gradient or top-k KL)
 DISTILL_TRAIN_FIXED = ("mixture_baseline", "save_steps", "epochs", "max_steps", "packing", "chat_template",
                        "tokenize_with_ray_data", "kd")
 
