@@ -272,13 +272,13 @@ def test_a_non_finite_merged_tensor_fails_the_merge_and_leaves_nothing(tmp_path)
 def test_load_check_runs_when_the_layout_changes_and_catches_a_missing_tensor(tmp_path, models, monkeypatch):
     """Cutting the vocabulary changes the layout: the output is checked against transformers'
     model class (a tensor it lacks fails the merge); a merge with the donor's layout is not."""
-    from rdistill.merge import MergeError, execute, merge
+    from rdistill.merge import MergeError, execute, merge, output
     from rdistill.merge.st_io import layout_shards
     plan = {"merge_method": "task_arithmetic", "base_model": str(models["base"]), "dtype": "float32",
             "models": [{"model": str(models["short_vocab"]), "parameters": {"weight": 1.0}}]}
     calls = []
     real = execute.check_loads
-    monkeypatch.setattr(execute, "_CHECKED", set())
+    monkeypatch.setattr(output, "_CHECKED", set())
     monkeypatch.setattr(execute, "check_loads", lambda *a: (calls.append(a[0]), real(*a)))
     merge(plan, tmp_path / "cut", in_process=True, unsafe_truncate_embeddings=True, log=lambda s: None)
     assert len(calls) == 1

@@ -23,25 +23,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from rdistill.errors import RdistillError
 from rdistill.parallel import run_at_most
 from rdistill.merge.budget import item_bytes, resolve_budget, rows_that_fit, too_small
 from rdistill.merge.inputs import InputModel, check_inputs, load_input
 from rdistill.merge.methods import METHODS
 from rdistill.merge.plan import MergeStep, PlanError, check_slices, tensor_parameters
-from rdistill.merge.st_io import (InputError, OutTensor, TensorLoc, create_shards, layout_shards,
-                                  write_index)
+from rdistill.merge.output import ST_DTYPE, MergeError, check_loads, finish_dir, write_config
+from rdistill.merge.st_io import InputError, OutTensor, TensorLoc, create_shards, layout_shards
 from rdistill.merge.work import (FLOAT_RANK, Unit, UnitTensor, compute_dtype, merge_unit, row_block,
                                  row_blocks)
-
-COPIED = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-          "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-          "generation_config.json"]
-_NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-
-
-class MergeError(RdistillError):
-    """A merge produced a bad result (non-finite tensors, a model that does not load)."""
 
 
 @dataclass
@@ -96,7 +86,7 @@ def _out_dtype(step: MergeStep, locs: list[TensorLoc]) -> str:
     if not all(loc.dtype in FLOAT_RANK for loc in locs):
         return locs[0].dtype
     if step.out_dtype or step.dtype:
-        return _NAME[step.out_dtype or step.dtype]
+        return ST_DTYPE[step.out_dtype or step.dtype]
     best = max(locs, key=lambda loc: FLOAT_RANK[loc.dtype]).dtype
     return "F32" if {loc.dtype for loc in locs} == {"BF16", "F16"} else best
 
@@ -184,55 +174,6 @@ def _num_layers(models: list[InputModel]) -> int:
     cfg = models[0].config
     n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
     return int(n) if n else 0
-
-
-def _write_config(tmp: Path, donor: InputModel, placed: list[OutTensor], vocab: Optional[int]) -> None:
-    config = dict(donor.config)
-    dtypes = {t.dtype for t in placed if t.dtype in FLOAT_RANK}
-    if len(dtypes) == 1:
-        name = {v: k for k, v in _NAME.items()}.get(dtypes.pop(), "float32")
-        config["dtype"] = name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = name
-    if vocab is not None:
-        config["vocab_size"] = vocab
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def _finish_dir(tmp: Path, donor: InputModel, placed: list[OutTensor]) -> None:
-    for f in COPIED:
-        src = Path(donor.path) / f
-        if src.exists():
-            shutil.copy(src, tmp / f)
-    write_index(tmp, placed)
-
-
-_CHECKED: set = set()  # (config, tensor shapes) already found to load, in this process
-
-
-def check_loads(model_dir: Path, placed: list[OutTensor], name: str = "") -> None:
-    """The written tensors are exactly what transformers' model class for model_dir's config
-    expects. Needs only the config, so it runs beside the merge (importing transformers is
-    seconds); a search's candidates of one architecture are checked once."""
-    key = ((model_dir / "config.json").read_text(), tuple(sorted((t.name, tuple(t.shape)) for t in placed)))
-    if key in _CHECKED:
-        return
-    import torch
-    import transformers
-    cfg = transformers.AutoConfig.from_pretrained(model_dir)
-    auto = transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in
-                                                  (cfg.architectures or [])) else transformers.AutoModel
-    with torch.device("meta"):
-        model = auto.from_config(cfg)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {t.name: tuple(t.shape) for t in placed}
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if cfg.get_text_config().tie_word_embeddings else set()
-    missing = sorted(k for k in set(want) - set(have) if k not in tied and not k.endswith("lm_head.weight"))
-    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or wrong:
-        raise MergeError(f"{name or model_dir} does not load in transformers: missing {missing[:3]}, "
-                         f"wrong shapes {wrong[:3]}")
-    _CHECKED.add(key)
 
 
 def _in_background(fn: Callable[[], None]) -> Callable[[], None]:
@@ -361,7 +302,7 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
     tmp.mkdir(parents=True)
     try:
         create_shards(tmp, headers)
-        _write_config(tmp, donor, placed, vocab)
+        write_config(tmp, donor, placed, vocab)
         checked = _in_background(lambda: check_loads(tmp, placed, str(out_dir))) \
             if opts.check_load and vocab is not None else None
         total_in = sum(loc.nbytes for it in items for loc in it.locs)
@@ -373,7 +314,7 @@ def run_step(step: MergeStep, out_dir: str | Path, resolve: Callable[[str], str]
         if bad:
             raise MergeError(f"{step.name}: {len(bad)} merged tensor(s) are not finite, e.g. {bad[:3]}; "
                              "check the inputs and parameters (a weight sum near 0 with normalize?)")
-        _finish_dir(tmp, donor, placed)
+        finish_dir(tmp, donor, placed)
         (tmp / "rdistill_merge.json").write_text(json.dumps(
             {"merge_method": step.merge_method, "base_model": step.base_model, "dtype": step.dtype,
              "out_dtype": step.out_dtype, "parameters": step.parameters, "seed": opts.seed,
