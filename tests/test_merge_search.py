@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from rdistill.config import MergeSearchConfig
-from rdistill.merge.search import Candidate, _weighted, candidate_space, neighbours, refine, rungs, successive_halving
+from rdistill.merge.search import Candidate, _label, _weighted, candidate_space, neighbours, refine, rungs, successive_halving
 
 DOMS = ["math", "code", "science"]
 
@@ -28,6 +28,42 @@ def test_candidate_space_covers_every_fusion_order_and_stays_within_budget():
     assert any(c.label == "model_stock" for c in cands) and any(c.label.startswith("linear") for c in cands)
     assert sum(c.label.startswith("task_arithmetic") for c in cands) >= 4
     assert [c.label for c in candidate_space(DOMS, MergeSearchConfig(candidates=24))] == labels  # seeded
+
+
+def test_layer_groups_draw_a_gradient_per_branch_that_the_plan_applies_layer_by_layer():
+    from rdistill.merge.plan import step_from_dict, tensor_parameters
+    sc = MergeSearchConfig(candidates=24, layer_groups=2, weights=[0.7, 1.0, 1.3],
+                           methods=["task_arithmetic", "dare_ties", "regmean", "tsv_m"])
+    cands = candidate_space(DOMS, sc)
+    labels = [c.label for c in cands]
+    assert len(set(labels)) == 24
+    drawn = [c for c in cands if any(isinstance(m["parameters"]["weight"], list) for m in c.steps[0]["models"])]
+    assert len(drawn) >= 10 and {c.steps[0]["merge_method"] for c in drawn} == set(sc.methods)
+    for c in drawn:
+        ws = [m["parameters"]["weight"] for m in c.steps[0]["models"]]
+        # two groups per branch, a gradient only where they differ; the label reads first>last
+        assert all(isinstance(w, float) or (len(w) == 2 and w[0] != w[1]) for w in ws), ws
+        assert c.label.count(">") == sum(isinstance(w, list) for w in ws)
+    # the first layer takes the first group's weight, the last the second's, a middle one between
+    ta = next(c for c in drawn if c.steps[0]["merge_method"] == "task_arithmetic")
+    step = step_from_dict(dict(ta.steps[0]), name="final")
+    ws = [m["parameters"]["weight"] for m in ta.steps[0]["models"]]
+    for layer, t in ((0, 0.0), (3, 1.0), (1, 1 / 3)):
+        _, per = tensor_parameters(step, f"model.layers.{layer}.mlp.up_proj.weight", num_layers=4)
+        want = [w if isinstance(w, float) else w[0] + t * (w[1] - w[0]) for w in ws]
+        assert [p["weight"] for p in per] == pytest.approx(want)
+    # one group: the draws are the one-weight recipes, as before
+    assert [c.label for c in candidate_space(DOMS, MergeSearchConfig(candidates=24, layer_groups=1))] == \
+        [c.label for c in candidate_space(DOMS, MergeSearchConfig(candidates=24))]
+
+
+def test_neighbours_of_a_gradient_move_one_layer_group_a_step():
+    sc = MergeSearchConfig(weights=[0.7, 1.0, 1.3], layer_groups=2)
+    c = _ta("c09", [[0.7, 1.3], 1.0, 1.0])
+    near = [x.label for x in neighbours(c, sc, 0, set())]
+    assert near == ["task_arithmetic w=1>1.3/1/1", "task_arithmetic w=0.7>1/1/1", "task_arithmetic w=0.7>1.3/1.3/1",
+                    "task_arithmetic w=0.7>1.3/0.7/1", "task_arithmetic w=0.7>1.3/1/1.3",
+                    "task_arithmetic w=0.7>1.3/1/0.7"]
 
 
 def test_rungs_shrink_candidates_and_grow_prompts():
@@ -55,8 +91,8 @@ def test_halving_finds_a_planted_best_among_noisy_decoys_and_respects_the_floor(
     assert sum(c.out_at is None for c in cands) == 1
 
 
-def _ta(name: str, ws: list[float]) -> Candidate:
-    return Candidate(name, "task_arithmetic w=" + "/".join(f"{w:g}" for w in ws),
+def _ta(name: str, ws: list) -> Candidate:
+    return Candidate(name, _label("task_arithmetic", ws, 0.5, 1.0),
                      _weighted("task_arithmetic", [f"branch:{d}" for d in DOMS], ws, 0.5, 1.0))
 
 

@@ -225,6 +225,11 @@ class MergeSearchConfig:
     """Values each branch's weight is drawn from (task_arithmetic, ties, dare_ties, and the spectral
     tsv_m, iso_c, iso_cts, whose weights scale each branch's task vector; for regmean and
     regmean_plusplus a coefficient on the branch's Gram matrices)."""
+    layer_groups: int = spec(1, ge=1)
+    """Weights per branch in the seeded draws: 1, one weight for all of a branch's tensors; G > 1,
+    G weights drawn from `weights`, mergekit's gradient over the layers (G anchors evenly spaced
+    from the first layer to the last, linear in between; the embeddings, final norm and LM head
+    take the first), so that a branch can weigh more in some layers than in others."""
     densities: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     """Values the kept share is drawn from (ties, dare_ties)."""
     lambdas: List[float] = field(default_factory=lambda: [1.0])

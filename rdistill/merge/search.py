@@ -6,11 +6,12 @@ order by hand), linear and model_stock, the spectral merges (TSV-M, Iso-C, Iso-C
 papers' settings, RegMean and RegMean++ with equal coefficients, then seeded draws of task
 arithmetic, TIES, DARE-TIES, the spectral merges and RegMean(++) with per-branch weights (for
 RegMean a coefficient on each branch's Gram matrices), densities, a scaling lambda, Iso-CTS's
-common-space share and RegMean's alpha from the configured values, up to the budget. Successive halving: every candidate is scored on the first
-`first_prompts` dev prompts of each domain; the best 1/eta go on to eta times as many prompts,
-and so on until the survivors have seen the whole dev split; the best of the last rung is the
-search's choice. A candidate
-below the student base on any domain (`floor=base`, on the same prompts) is never chosen.
+common-space share and RegMean's alpha from the configured values, up to the budget; with
+`layer_groups` > 1 a branch's weight is a gradient over the layers (one value per layer group).
+Successive halving: every candidate is scored on the first `first_prompts` dev prompts of each
+domain; the best 1/eta go on to eta times as many prompts, and so on until the survivors have
+seen the whole dev split; the best of the last rung is the search's choice. A candidate below
+the student base on any domain (`floor=base`, on the same prompts) is never chosen.
 
 Refinement (`refine_rounds`): when the choice is a weighted or spectral method, its neighbours,
 each with one branch's weight one step up or down the configured values, are scored on the whole
@@ -28,7 +29,7 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from rdistill.config import MergeSearchConfig
 
@@ -110,7 +111,7 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
     while len(out) < sc.candidates and weighted and tries < 100 * sc.candidates:
         tries += 1
         m = rng.choice(weighted)
-        ws = [rng.choice(sc.weights) for _ in domains]
+        ws = [_one([rng.choice(sc.weights) for _ in range(sc.layer_groups)]) for _ in domains]
         if m in STATS_METHODS:  # the density slot carries RegMean's alpha
             dens, lam = rng.choice(sc.ratios), 1.0
         else:
@@ -121,17 +122,30 @@ def candidate_space(domains: list[str], sc: MergeSearchConfig) -> list[Candidate
     return out
 
 
-def _label(method: str, ws: list[float], density: float, lam: float, common: float = 0.8) -> str:
+Weight = Union[float, list]
+"""A branch's weight: one number, or a gradient over the layer groups (`layer_groups`)."""
+
+
+def _one(values: list[float]) -> Weight:
+    """A gradient whose groups are all equal is that one number (the same recipe, one label)."""
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
+def _groups(w: Weight) -> list[float]:
+    return list(w) if isinstance(w, list) else [w]
+
+
+def _label(method: str, ws: list[Weight], density: float, lam: float, common: float = 0.8) -> str:
     """The recipe in words, and the key that tells recipes apart: TIES, DARE-TIES and RegMean
     normalize by the weights' sum, so only their ratios matter (0.5/0.5/0.5 is 1/1/1); the spectral
     merges scale with their task vectors, so weights 0.5/0.5/0.5 at lambda 1 are 1/1/1 at lambda
-    0.5. For RegMean `density` is its alpha."""
+    0.5. For RegMean `density` is its alpha. A gradient reads first>...>last layer group."""
     if method != "task_arithmetic":
-        top = max(ws)
-        ws = [round(w / top, 3) for w in ws]
+        top = max(v for w in ws for v in _groups(w))
+        ws = [_one([round(v / top, 3) for v in _groups(w)]) for w in ws]
         if method in SPECTRAL:
             lam = round(lam * top, 3)
-    s = f"{method} w=" + "/".join(f"{w:g}" for w in ws)
+    s = f"{method} w=" + "/".join(">".join(f"{v:g}" for v in _groups(w)) for w in ws)
     if method in SPECTRAL:
         return s + f" lambda={lam:g}" + (f" common={common:g}" if method == "iso_cts" else "")
     if method in STATS_METHODS:
@@ -139,7 +153,7 @@ def _label(method: str, ws: list[float], density: float, lam: float, common: flo
     return s if method == "task_arithmetic" else s + f" density={density:g} lambda={lam:g}"
 
 
-def _weighted(method: str, branches: list[str], ws: list[float], density: float, lam: float,
+def _weighted(method: str, branches: list[str], ws: list[Weight], density: float, lam: float,
               common: float = 0.8) -> list[dict]:
     if method in STATS_METHODS:  # no base: the closed form on the branches (alpha in `density`)
         return [_step("final", method, None, [(b, {"weight": w}) for b, w in zip(branches, ws)],
@@ -153,7 +167,7 @@ def _weighted(method: str, branches: list[str], ws: list[float], density: float,
                   {"lambda": lam, "normalize": True})]
 
 
-def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, float, float]]:
+def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[Weight], float, float, float]]:
     """(method, per-branch weights, density (RegMean: alpha), lambda, common-space share) of a
     one-step weighted, spectral or RegMean candidate, else None."""
     if len(c.steps) != 1 or c.steps[0]["merge_method"] not in WEIGHTED + SPECTRAL + STATS_METHODS:
@@ -167,9 +181,9 @@ def _weighted_recipe(c: Candidate) -> Optional[tuple[str, list[float], float, fl
 
 
 def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) -> list[Candidate]:
-    """`c` with one branch's weight one step up, then one step down, `sc.weights`, for each branch
-    (where the grid has the step); named r<start>, r<start+1>, ...; recipes whose label is in
-    `seen` are left out (and added)."""
+    """`c` with one branch's weight (for a gradient: one layer group's) one step up, then one step
+    down, `sc.weights`, for each branch (where the grid has the step); named r<start>, r<start+1>,
+    ...; recipes whose label is in `seen` are left out (and added)."""
     rec = _weighted_recipe(c)
     if rec is None:
         return []
@@ -177,11 +191,11 @@ def neighbours(c: Candidate, sc: MergeSearchConfig, start: int, seen: set[str]) 
     grid = sorted(set(sc.weights))
     branches = [m["model"] for m in c.steps[0]["models"]]
     out = []
-    for i, w in enumerate(ws):
+    for i, j, w in ((i, j, v) for i, w in enumerate(ws) for j, v in enumerate(_groups(w))):
         up, down = [g for g in grid if g > w + 1e-9], [g for g in grid if g < w - 1e-9]
         for step in ([up[0]] if up else []) + ([down[-1]] if down else []):
-            new = list(ws)
-            new[i] = step
+            new, vals = list(ws), _groups(ws[i])
+            new[i] = _one(vals[:j] + [step] + vals[j + 1:])
             label = _label(method, new, dens, lam, common)
             if label in seen:
                 continue
