@@ -213,7 +213,7 @@ def test_ray_data_progress_is_a_bar_on_a_real_terminal(tmp_path):
 import time, ray, ray.data
 from rdistill import log as rlog
 lg = rlog.setup()
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster left running
 rlog.quiet_console()
 rlog.set_stage("verify")
 def slow(b):

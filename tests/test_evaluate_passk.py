@@ -76,7 +76,9 @@ def test_eval_concurrency_follows_cluster_and_cap():
     from rdistill.cli.compose import load
     from rdistill.topology import eval_concurrency
     cfg = load([])
-    assert cfg.eval.concurrency == 2  # the toy default: two engines on a laptop
+    assert cfg.eval.concurrency == 1  # the toy default: one engine on a laptop
+    assert eval_concurrency(cfg, {"CPU": 8}, 6) == 1
+    cfg.eval.concurrency = 2
     assert eval_concurrency(cfg, {"CPU": 8}, 6) == 2
     assert eval_concurrency(cfg, {"CPU": 1}, 6) == 1  # never 0: Ray queues what does not fit
     cfg.eval.concurrency = None
