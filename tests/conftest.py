@@ -67,7 +67,7 @@ class RayHead:
                 continue
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    sid = int(f.read().rsplit(")", 1)[1].split()[4])
+                    sid = int(f.read().rsplit(")", 1)[1].split()[3])  # state ppid pgrp session
                 if sid != self.pgid:
                     continue
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -115,7 +115,11 @@ def ray_head():
         yield RayHead(url, env, head.pid)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
+        try:  # Ray's own shutdown then waits ~30 s on its agents; nothing of a test's is left to save
+            head.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
+        deadline = time.time() + 30  # until the killed processes are reaped
+        while RayHead(url, env, head.pid).processes() and time.time() < deadline:
+            time.sleep(0.5)

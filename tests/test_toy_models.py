@@ -41,9 +41,9 @@ def test_models_load_in_transformers_and_answer_in_format():
 
 @pytest.fixture(scope="module")
 def pass_at_1(tmp_path_factory):
-    """Teacher and base pass@1 on the 100-problem test split of each domain, one vLLM engine each."""
+    """Teacher and base pass@1 on the 100-problem test split of each domain, on one warm vLLM engine."""
     out = tmp_path_factory.mktemp("toy") / "pass1.json"
-    # vLLM spawns its engine processes: run the measurement as a script, one engine per model.
+    # vLLM spawns its engine processes: run the measurement as a script.
     subprocess.run([sys.executable, "-m", "rdistill.toy.measure", str(ASSETS / "teacher"), str(ASSETS / "base"),
                     "--n-test", "100", "--json", str(out)], check=True, timeout=900)
     res = json.loads(out.read_text())
