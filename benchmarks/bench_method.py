@@ -94,6 +94,10 @@ def main(argv: list[str]) -> int:
             for v in r["vs_mixture"]:
                 print(f"  {v['model']} vs mixture: mean {v['mean_z']:+.1f} se; " + ", ".join(
                     f"{d} {x['z']:+.1f} se (gain kept {x['kept']:.0%})" for d, x in v["domains"].items()))
+            mix = (r["cost"] or {}).get("mixture_wall_s")
+            if r["stage_s"].get("distill") and mix:
+                print(f"  distill stage {r['stage_s']['distill']:.0f} s = {r['stage_s']['distill'] / mix:.2f}x the "
+                      f"mixture's training ({mix:.0f} s wall)")
             for c in r["method"]["claims"]:
                 print(f"  {'held' if c['held'] else 'DID NOT HOLD'}: {c['claim']} ({c['evidence']})")
     finally:

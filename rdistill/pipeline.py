@@ -139,7 +139,9 @@ def run_pipeline(cfg: ExperimentConfig) -> dict[str, str]:
         from rdistill.outputs import check_nodes_see
         check_nodes_see(run.root)
     done: dict[str, str] = {}
-    with tracking.pipeline_run(cfg, run):  # the parent run; skipped stages log nothing
+    from rdistill.llm.warm import kept_warm, release_kept
+    # the parent tracking run (skipped stages log nothing); warm engines pass from stage to stage
+    with tracking.pipeline_run(cfg, run), kept_warm():
         for stage in cfg.stages:
             why = status(dataclasses.replace(cfg, stages=[stage]), run)[stage]
             upstream_reran = any(done.get(s) == "ran" for s in SPECS[stage].input_stages(cfg))
@@ -147,6 +149,8 @@ def run_pipeline(cfg: ExperimentConfig) -> dict[str, str]:
                 log.info("== %s: current, skipped (manifest matches config and inputs)", stage)
                 done[stage] = "skipped"
                 continue
+            if not SPECS[stage].warm:
+                release_kept()  # a stage without warm engines: theirs would only hold cores, GPUs, memory
             run_stage(cfg, run, stage)
             done[stage] = "ran"
     return done

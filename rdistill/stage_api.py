@@ -59,6 +59,10 @@ class Stage:
     engine: Optional[str] = None
     """Config section of the vLLM engines the stage starts (e.g. `teacher.engine`): an engine that
     refuses to start is reported in one line naming the setting of that section to change."""
+    warm: bool = False
+    """The stage scores students on warm engines (`rdistill.llm.warm.WarmPool.open`): the
+    runner keeps such an engine running into the next stage that does too (one start for the
+    merge search, distill and evaluate) and ends it before any other stage."""
 
     def input_stages(self, cfg: ExperimentConfig) -> list[str]:
         base = list(self.inputs(cfg) if callable(self.inputs) else self.inputs)

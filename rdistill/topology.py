@@ -300,7 +300,7 @@ def plan(cfg: ExperimentConfig) -> list[StagePlan]:
             from rdistill.config.distill import distill_train_config
             tc, dc = distill_train_config(cfg), cfg.distill
             s = train_scaling(cfg.device, tc)
-            p.resources = _sum(engine_placement(cfg.device, dc.engine.tensor_parallel_size)["bundles"])
+            p.resources = _sum(engine_placement(cfg.device, eval_tensor_parallel(cfg))["bundles"])
             if cfg.device == "cpu":  # the engine stays up on CPUs; on GPUs it is closed for the update
                 for k, v in _sum([s["resources_per_worker"]], s["num_workers"]).items():
                     p.resources[k] = p.resources.get(k, 0) + v

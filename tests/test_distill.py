@@ -155,7 +155,7 @@ def test_a_teacher_that_cannot_return_prompt_logprobs_is_refused(tmp_path):
                "+distill.teachers.science=b")
     with pytest.raises(ConfigError, match=r"an endpoint cannot return prompt logprobs"):
         _check(tmp_path, cfg, str(ASSETS / "base"), {})
-    cfg = _cfg(tmp_path, "+distill.engine.engine_kwargs.max_logprobs=0")
+    cfg = _cfg(tmp_path, "+eval.engine.engine_kwargs.max_logprobs=0")
     with pytest.raises(ConfigError, match=r"max_logprobs=0: the engine could not return prompt logprobs"):
         _check(tmp_path, cfg, str(ASSETS / "base"), {f"branch:{d}": str(ASSETS / "teacher")
                                                       for d in ("math", "code", "science")})

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 BASE, TEACHER = str(ASSETS / "base"), str(ASSETS / "teacher")
 SMALL = ["~domains.math", "~domains.code", "toy.n_train=64", "toy.n_dev=40", "toy.n_test=10",
          "train.num_workers=1", "train.micro_batch_size=4", "train.max_len=256", "eval.sampling.max_tokens=128",
-         "distill.max_tokens=128", "distill.samples_per_prompt=2", "distill.engine.dtype=float32"]
+         "distill.max_tokens=128", "distill.samples_per_prompt=2", "eval.engine.dtype=float32"]
 
 
 def _run(tmp_path, *over):

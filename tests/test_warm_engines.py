@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rdistill.config import EngineConfig
-from rdistill.llm.warm import WarmPool, engine_kwargs, family
+from rdistill.llm.warm import WarmPool, engine_kwargs, family, kept_warm
 from rdistill.toy.build import ASSETS
 from rdistill.toy.domains import records
 
@@ -49,9 +49,17 @@ def test_reloaded_weights_answer_like_a_fresh_engine(ray_cluster, tmp_path):
     assert hows == [(str(base), "started"), (str(teacher), "reloaded"), (str(teacher), "same"),
                     (str(other), "started")], hows
     # one fresh engine loads the teacher from disk and answers both ways (per-sample seeds make
-    # the sampled answers independent of what the engine ran before; one engine start less)
-    with WarmPool(1, "cpu", EngineConfig()) as pool:
-        out = list(pool.generate([_job(teacher, GREEDY), _job(teacher, SAMPLED)]))
+    # the sampled answers independent of what the engine ran before; one engine start less);
+    # opened as the pipeline opens a stage's pool, which outlives its stage's close
+    with kept_warm():
+        with WarmPool.open(1, "cpu", EngineConfig()) as pool:
+            out = list(pool.generate([_job(teacher, GREEDY), _job(teacher, SAMPLED)]))
+        assert pool.engines  # closed by its stage, kept by the pipeline
+        again = WarmPool.open(1, "cpu", EngineConfig())  # the next stage, same settings: the running engine
+        assert again is pool and [i["how"] for _, _, i in again.generate([_job(base, GREEDY)])] == ["reloaded"]
+        other = WarmPool.open(1, "cpu", EngineConfig(dtype="float32"))  # other settings: the old pool ends first
+        assert other is not pool and not pool.engines and other.engines
+    assert not other.engines  # the pipeline's end ends the rest
     assert [i["how"] for _, _, i in out] == ["started", "same"]
     fresh, fresh_sampled = out[0][1], out[1][1]
     text = lambda answers: [a["completion"] for a in sorted(answers, key=lambda a: int(a["id"]))]  # noqa: E731

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from rdistill.config.fields import fail, spec
-from rdistill.config.models import EngineConfig
 
 # train settings the distill update sets itself (its rows, steps and loss: policy gradient or top-k KL)
 DISTILL_TRAIN_FIXED = ("mixture_baseline", "save_steps", "epochs", "max_steps", "packing", "chat_template",
@@ -95,12 +94,6 @@ class DistillConfig:
     dev pass@1 over rounds); 0: none."""
     dev_samples: int = spec(2, gt=0)
     """Samples per dev prompt for that curve."""
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(dtype="auto"))
-    """The engine that samples and scores (one engine: student and branches share a family, so
-    each model's weights are loaded into it in place). max_model_len None: the student's. Its
-    dtype is that of the logprobs (the advantages and the update's importance ratios): vLLM's
-    CPU backend runs `auto` float32 checkpoints in bf16 (logprobs off by up to ~0.04 from the
-    trainer's), so the toy sets float32."""
     seed: int = 0
     """Seed of the prompt order and the samples."""
 

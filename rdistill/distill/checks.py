@@ -30,9 +30,9 @@ def _scorable(domain: str, ref: str, path: str, cfg) -> None:
     if ref.startswith(("http://", "https://")):
         raise ConfigError(f"distill.teachers.{domain}={ref}: an endpoint cannot return prompt logprobs of given "
                           f"tokens: use a local model directory (default branch:{domain})")
-    kw = cfg.distill.engine.engine_kwargs
+    kw = cfg.eval.engine.engine_kwargs
     if "max_logprobs" in kw and kw["max_logprobs"] is not None and 0 <= int(kw["max_logprobs"]) < 1:
-        raise ConfigError(f"distill.engine.engine_kwargs.max_logprobs={kw['max_logprobs']}: the engine could not "
+        raise ConfigError(f"eval.engine.engine_kwargs.max_logprobs={kw['max_logprobs']}: the engine could not "
                           "return prompt logprobs; remove it or set it >= 1")
 
 

@@ -37,8 +37,11 @@ from rdistill.stage_api import Stage, StageContext
 
 
 def engine_config(cfg):
-    e = cfg.distill.engine
-    return dataclasses.replace(e, max_model_len=e.max_model_len or cfg.student.max_model_len)
+    """The evaluation engine (eval.engine), as evaluate's jobs give it (rdistill.llm.spec): the
+    stage samples and scores students as evaluation does, so the merge search's engine, kept
+    running by the pipeline, serves it and then evaluate, with no start of its own."""
+    from rdistill.llm.spec import LLMSpec
+    return LLMSpec.for_student(cfg, "", "").engine
 
 
 def _round_dir(ctx: StageContext, r: int) -> Path:
@@ -56,9 +59,10 @@ def finished_rounds(ctx: StageContext) -> list[dict]:
     return out
 
 
-def dev_scores(pool, ctx: StageContext, model: str, name: str) -> dict:
-    """pass@1 (with its standard error) per domain of `model` on the first distill.dev_prompts
-    dev prompts, on the stage's engine (the curve of the report's plot)."""
+def dev_scores(pool, ctx: StageContext, models: dict[str, str]) -> dict[str, dict]:
+    """pass@1 (with its standard error) per domain of each {name: model path} on the first
+    distill.dev_prompts dev prompts, on the stage's engine (the curve of the report's plot); one
+    call, so one model's answers are judged while the next one's are sampled."""
     from rdistill.llm.spec import LLMSpec
     from rdistill.prompts.eval_rows import prompt_records, sample_rows
     from rdistill.scoring.answers import answer_and_score
@@ -68,30 +72,35 @@ def dev_scores(pool, ctx: StageContext, model: str, name: str) -> dict:
     for d in sorted(cfg.domains):
         recs = prompt_records(cfg, d, "dev", ctx.source_path)[:dc.dev_prompts or 40]
         rows += sample_rows(cfg, d, "dev", recs, n=dc.dev_samples)
-    spec = LLMSpec(model=model, name=name, device=cfg.device, sampling=cfg.eval.sampling, engine=engine_config(cfg))
-    for _, df, _ in answer_and_score(pool, [(spec, rows)], cfg.verify.sandbox):
-        df["model"] = name
-        return {r["domain"]: {"pass_at_1": r["pass_at_1"], "stderr": r["stderr"], "n_prompts": r["n_prompts"]}
-                for r in aggregate(df)}
-    return {}
+    specs = [LLMSpec(model=m, name=n, device=cfg.device, sampling=cfg.eval.sampling, engine=engine_config(cfg))
+             for n, m in models.items()]
+    out = {}
+    for spec, df, _ in answer_and_score(pool, [(s, rows) for s in specs], cfg.verify.sandbox):
+        df["model"] = spec.name
+        out[spec.name] = {r["domain"]: {"pass_at_1": r["pass_at_1"], "stderr": r["stderr"], "n_prompts": r["n_prompts"]}
+                          for r in aggregate(df)}
+    return out
 
 
 class _Engine:
-    """The stage's warm engine, opened when needed; closed for the update on GPUs (training needs
-    the memory), kept on CPUs (a restart costs more than the engine's RAM)."""
+    """The stage's warm engine, opened when needed (the merge search's, still running, when the
+    pipeline kept it and the settings match); closed for the update on GPUs (training needs the
+    memory), kept on CPUs (a restart costs more than the engine's RAM)."""
 
-    def __init__(self, device: str, engine):
-        self.device, self.engine, self.pool = device, engine, None
+    def __init__(self, device: str, engine, tp: int):
+        self.device, self.engine, self.tp, self.pool = device, engine, tp, None
 
     def get(self):
         from rdistill.llm.warm import WarmPool
         if self.pool is None:
-            self.pool = WarmPool(1, self.device, self.engine, self.engine.tensor_parallel_size)
+            self.pool = WarmPool.open(1, self.device, self.engine, self.tp)
         return self.pool
 
-    def release(self, always: bool = False) -> None:
-        if self.pool is not None and (always or self.device == "gpu"):
-            self.pool.close()
+    def release(self, last: bool = False) -> None:
+        """Before an update (GPUs: end it); `last`: the stage is done (kept for evaluate if the
+        pipeline keeps engines across stages)."""
+        if self.pool is not None and (last or self.device == "gpu"):
+            self.pool.close(force=not last)
             self.pool = None
 
 
@@ -113,7 +122,7 @@ def choose_merge(engine, ctx: StageContext) -> tuple[str, dict, dict]:
     from rdistill.scoring.passk import select_candidate
     cfg = ctx.cfg
     names = cfg.merge.names()
-    scores = {n: dev_scores(engine.get(), ctx, ctx.model(f"merge:{n}"), f"merge:{n}") for n in names}
+    scores = dev_scores(engine.get(), ctx, {n: ctx.model(f"merge:{n}") for n in names})
     best = select_candidate({n: {d: v["pass_at_1"] for d, v in s.items()} for n, s in scores.items()},
                             cfg.merge.objective, cfg.merge.domain_weights)
     log.info("distill: student = merge:%s (best %s objective on dev among %s)", best, cfg.merge.objective,
@@ -133,7 +142,7 @@ def run(ctx: StageContext) -> dict:
     teachers = check_teachers(cfg, start, ctx.model)  # one-line errors, before any engine starts
     prompts = train_prompts(cfg, ctx.source_path)
     init_ray(cfg.ray)
-    engine = _Engine(cfg.device, dc.engine)
+    engine = _Engine(cfg.device, cfg.eval.engine, engine_config(cfg).tensor_parallel_size)
     choice_file, curve0 = ctx.work / "choice.json", ctx.work / "dev-start.json"
     try:
         if choose:  # which merge is `merged` is evaluate's dev choice, which a fresh run has not made yet
@@ -154,7 +163,7 @@ def run(ctx: StageContext) -> dict:
             log.info("distill: resuming after round %d of %d (%s)", len(done), dc.rounds, student)
         log.info("distill: student %s, teachers %s", start, ", ".join(f"{d}={p}" for d, p in teachers.items()))
         if dc.dev_prompts and not curve0.exists():
-            write_json_atomic(curve0, dev_scores(engine.get(), ctx, start, "round 0"))
+            write_json_atomic(curve0, dev_scores(engine.get(), ctx, {"round 0": start})["round 0"])
         for r in range(len(done), dc.rounds):
             rd = _round_dir(ctx, r)
             rd.mkdir(parents=True, exist_ok=True)
@@ -175,14 +184,14 @@ def run(ctx: StageContext) -> dict:
             rec = {"round": r + 1, "model": str(rd / "model"), "data": stats, "update": upd,
                    "update_s": round(time.time() - t1, 2)}
             if dc.dev_prompts:
-                rec["dev"] = dev_scores(engine.get(), ctx, str(rd / "model"), f"round {r + 1}")
+                rec["dev"] = dev_scores(engine.get(), ctx, {f"round {r + 1}": str(rd / "model")})[f"round {r + 1}"]
             rec["wall_s"] = round(time.time() - t0, 2)
             write_json_atomic(rd / "done.json", rec)
             shutil.rmtree(rd / "ckpt", ignore_errors=True)
             student = str(rd / "model")
             done.append(rec)
     finally:
-        engine.release(always=True)
+        engine.release(last=True)
     shutil.copytree(student, ctx.out / "model", ignore=shutil.ignore_patterns("snapshots"))
     curve = [{"round": 0, "dev": json.loads(curve0.read_text())}] if curve0.exists() else []
     curve += [{"round": d["round"], "dev": d["dev"]} for d in done if "dev" in d]
@@ -202,7 +211,8 @@ def run(ctx: StageContext) -> dict:
 def _reads(cfg) -> dict:
     """The student and teachers it distills (which merge `merged` is, the branches) come in
     through the merge and train stages' fingerprints; the prompts through the domains."""
-    return {"distill_eval": {"sampling": to_dict(cfg.eval.sampling), "sandbox": to_dict(cfg.verify.sandbox)}
+    return {"engine": to_dict(cfg.eval.engine),  # the engine that samples and scores (evaluation's)
+            "distill_eval": {"sampling": to_dict(cfg.eval.sampling), "sandbox": to_dict(cfg.verify.sandbox)}
             if cfg.distill.dev_prompts else None}
 
 
@@ -216,6 +226,6 @@ def _inputs(cfg) -> list[str]:
 
 
 STAGE = Stage("distill", run, reads=("distill", "train", "student", "device", "seed"),
-              inputs=_inputs, extra=_reads, engine="distill.engine",
+              inputs=_inputs, extra=_reads, engine="eval.engine", warm=True,
               domains_ignored=("extra_train", "test", "extra_test", "eval_samples", "require_correct",
                                "train_overrides"))

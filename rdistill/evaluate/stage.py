@@ -77,8 +77,8 @@ def score_warm(targets: list[Target], rows: dict[str, list[dict]], cfg, work: Pa
         return {"engine_starts": 0, "weight_reloads": 0, "how": how}
     t0 = time.time()
     items = [(t.spec, [r for split in t.splits for r in rows[split]]) for t in targets]
-    with WarmPool(min(n_engines, len(targets)), cfg.device, cfg.eval.engine, eval_tensor_parallel(cfg),
-                  cold=not cfg.eval.warm_engines) as pool:
+    with WarmPool.open(min(n_engines, len(targets)), cfg.device, cfg.eval.engine, eval_tensor_parallel(cfg),
+                       cold=not cfg.eval.warm_engines) as pool:
         for spec, df, info in answer_and_score(pool, items, cfg.verify.sandbox):
             how[spec.name] = info["how"]
             log.info("evaluate %s: %s engine (%.1fs), %d answers in %.1fs", spec.name, info["how"],
@@ -157,7 +157,7 @@ def run(ctx) -> dict:
 # Every model of the run on dev/test; the teacher too when it is evaluated.
 STAGE = Stage("evaluate", run, reads=("eval", "student", "merge", "device", "verify"),
               inputs=lambda c: ["train", "merge"] + (["distill"] if "distill" in c.stages else []),
-              engine="eval.engine",
+              engine="eval.engine", warm=True,
               domains_ignored=("train", "extra_train", "require_correct", "train_overrides"),
               extra=lambda c: {"teacher": to_dict(c.teacher) if c.eval.include_teacher else None,
                                "mixture": c.train.mixture_baseline})

@@ -10,6 +10,11 @@ vLLM; vLLM's `reload_weights` is wrong on the CPU backend) and clears the prefix
 entries were computed with the old weights). A model of another family (the
 teacher) gets a fresh engine. Outputs after a reload equal a fresh engine's on the same prompts
 and per-sample seeds (tests/test_warm_engines.py).
+
+Across stages too: inside `kept_warm()` (the pipeline's stage loop), a pool opened with
+`WarmPool.open` outlives its `close()`, and the next stage that opens one with the same settings
+gets it back, engine running. The merge search, the distill stage and evaluate all load the
+run's students on the evaluation engine, so one engine start serves the three.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import gc
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -177,6 +183,23 @@ class WarmPool:
         actor = ray.remote(WarmEngine).options(**_actor_options(device, tp, engine))
         self.engines = [actor.remote(cold) for _ in range(max(1, n_engines))]
         self.starts = 0
+        self.key: Optional[str] = None  # set when kept across stages (`open` inside `kept_warm`)
+
+    @classmethod
+    def open(cls, n_engines: int, device: str, engine: EngineConfig, tp: int = 1, cold: bool = False) -> "WarmPool":
+        """A pool of these settings: inside `kept_warm()`, the one an earlier stage left running
+        (a pool of other settings is closed first: its engines would only hold memory and
+        devices); outside, a new one."""
+        if not _KEEP:
+            return cls(n_engines, device, engine, tp, cold)
+        from rdistill.config import to_dict
+        key = json.dumps([max(1, n_engines), device, to_dict(engine), tp, cold], sort_keys=True)
+        if key not in _KEPT:
+            release_kept()
+            pool = cls(n_engines, device, engine, tp, cold)
+            pool.key = key
+            _KEPT[key] = pool
+        return _KEPT[key]
 
     def generate(self, jobs: list[dict]):
         from ray.util import ActorPool
@@ -190,14 +213,21 @@ class WarmPool:
             self.starts += out["how"] == "started"
             yield jobs[i], out.pop("answers"), out
 
-    def close(self) -> None:
+    def close(self, force: bool = False) -> None:
+        """End the engines; a pool kept across stages stays open unless `force` (a GPU stage that
+        needs the memory for training)."""
         import ray
+        if self.key is not None:
+            if not force and _KEPT.get(self.key) is self:
+                return
+            _KEPT.pop(self.key, None)
+            self.key = None
         for e in self.engines:
-            try:
-                ray.get(e.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 (an engine that died is gone already)
-                pass
-            ray.kill(e)
+            for end in (lambda: ray.get(e.shutdown.remote(), timeout=60), lambda: ray.kill(e)):
+                try:
+                    end()
+                except Exception:  # noqa: BLE001 (an engine that died, or a Ray shut down: gone already)
+                    pass
         self.engines = []
 
     def __enter__(self) -> "WarmPool":
@@ -205,6 +235,29 @@ class WarmPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_KEEP = False
+_KEPT: dict[str, WarmPool] = {}
+
+
+@contextmanager
+def kept_warm():
+    """Keep pools opened with `WarmPool.open` running from one stage to the next; all end when
+    the block does (or at `release_kept`)."""
+    global _KEEP
+    _KEEP = True
+    try:
+        yield
+    finally:
+        _KEEP = False
+        release_kept()
+
+
+def release_kept() -> None:
+    """End every pool kept across stages (before a stage that needs their CPUs, GPUs or memory)."""
+    for pool in list(_KEPT.values()):
+        pool.close(force=True)
 
 
 def warm_generate(jobs: list[dict], n_engines: int, device: str, engine: EngineConfig, tp: int = 1):

@@ -97,8 +97,8 @@ def run_search(ctx, opts: Options, resolve) -> dict:
         return cache[name]
 
     import ray
-    pool = WarmPool(eval_concurrency(cfg, ray.cluster_resources(), len(cands)), cfg.device, cfg.eval.engine,
-                    eval_tensor_parallel(cfg))
+    pool = WarmPool.open(eval_concurrency(cfg, ray.cluster_resources(), len(cands)), cfg.device, cfg.eval.engine,
+                         eval_tensor_parallel(cfg))
     starts = {"n": 0}
 
     def score(names_paths: list[tuple[str, str]], k: int) -> dict[str, dict[str, float]]:

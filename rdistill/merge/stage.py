@@ -140,4 +140,4 @@ def _search_reads(cfg) -> dict:
 
 
 STAGE = Stage("merge", run, reads=("merge", "seed", "student"), inputs=_inputs, extra=_search_reads,
-              engine="eval.engine")
+              engine="eval.engine", warm=True)
