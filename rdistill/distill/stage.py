@@ -133,7 +133,7 @@ def choose_merge(engine, ctx: StageContext) -> tuple[str, dict, dict]:
 def run(ctx: StageContext) -> dict:
     from rdistill.llm.warm import engine_kwargs
     from rdistill.refs import merge_selection
-    from rdistill.topology import init_ray
+    from rdistill.topology import eval_tensor_parallel, init_ray
     cfg, dc = ctx.cfg, ctx.cfg.distill
     t_start = time.time()
     choose = dc.student == "merged" and len(cfg.merge.names()) > 1 and \
@@ -142,7 +142,7 @@ def run(ctx: StageContext) -> dict:
     teachers = check_teachers(cfg, start, ctx.model)  # one-line errors, before any engine starts
     prompts = train_prompts(cfg, ctx.source_path)
     init_ray(cfg.ray)
-    engine = _Engine(cfg.device, cfg.eval.engine, engine_config(cfg).tensor_parallel_size)
+    engine = _Engine(cfg.device, cfg.eval.engine, eval_tensor_parallel(cfg))
     choice_file, curve0 = ctx.work / "choice.json", ctx.work / "dev-start.json"
     try:
         if choose:  # which merge is `merged` is evaluate's dev choice, which a fresh run has not made yet
