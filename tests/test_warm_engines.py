@@ -57,9 +57,9 @@ def test_reloaded_weights_answer_like_a_fresh_engine(ray_cluster, tmp_path):
         assert pool.engines  # closed by its stage, kept by the pipeline
         again = WarmPool.open(1, "cpu", EngineConfig())  # the next stage, same settings: the running engine
         assert again is pool and [i["how"] for _, _, i in again.generate([_job(base, GREEDY)])] == ["reloaded"]
-        other = WarmPool.open(1, "cpu", EngineConfig(dtype="float32"))  # other settings: the old pool ends first
-        assert other is not pool and not pool.engines and other.engines
-    assert not other.engines  # the pipeline's end ends the rest
+        other_pool = WarmPool.open(1, "cpu", EngineConfig(dtype="float32"))  # other settings: the old pool ends first
+        assert other_pool is not pool and not pool.engines and other_pool.engines
+    assert not other_pool.engines  # the pipeline's end ends the rest
     assert [i["how"] for _, _, i in out] == ["started", "same"]
     fresh, fresh_sampled = out[0][1], out[1][1]
     text = lambda answers: [a["completion"] for a in sorted(answers, key=lambda a: int(a["id"]))]  # noqa: E731
